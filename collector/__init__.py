@@ -1,0 +1,1 @@
+"""OTLP receiver → queue → batcher → ClickHouse writer → spool (see the collector issue)."""

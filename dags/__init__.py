@@ -1,0 +1,1 @@
+"""Airflow DAGs: thin files wiring importable FleetLens functions (see the models issue)."""

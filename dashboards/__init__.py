@@ -1,0 +1,1 @@
+"""The Streamlit app engineers open every morning (see the dashboards issue)."""

@@ -1,0 +1,1 @@
+"""lm-eval suite and rollout gate (see the evals issue)."""

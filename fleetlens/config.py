@@ -1,0 +1,185 @@
+"""FleetLens settings: one object, read from `FLEETLENS_*` environment variables and an optional YAML file.
+
+Precedence (highest first): explicit arguments, environment variables, `fleetlens.yaml`
+(or the file named by `FLEETLENS_CONFIG`), defaults. Unknown keys and bad values fail at
+start with a message that names the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = "fleetlens.yaml"
+DEFAULT_DATABASE = "fleetlens"
+EMBEDDED_HOST = "127.0.0.1"
+EMBEDDED_PORT = 8123
+
+
+class ConfigError(ValueError):
+    """Raised when settings cannot be loaded; the message names every offending key."""
+
+
+class WarehouseURL(BaseModel):
+    """A parsed `http[s]://user:password@host:port/database` warehouse URL."""
+
+    model_config = ConfigDict(frozen=True)
+
+    scheme: str
+    host: str
+    port: int
+    username: str
+    password: SecretStr
+    database: str
+
+    @classmethod
+    def parse(cls, url: str) -> WarehouseURL:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"scheme must be http or https (ClickHouse HTTP interface), got {parts.scheme!r}")
+        if not parts.hostname:
+            raise ValueError("URL has no host")
+        database = parts.path.strip("/") or DEFAULT_DATABASE
+        if "/" in database:
+            raise ValueError(f"the URL path must be a single database name, got {parts.path!r}")
+        return cls(
+            scheme=parts.scheme,
+            host=parts.hostname,
+            port=parts.port or (8443 if parts.scheme == "https" else 8123),
+            username=unquote(parts.username or "default"),
+            password=SecretStr(unquote(parts.password or "")),
+            database=database,
+        )
+
+    @property
+    def secure(self) -> bool:
+        return self.scheme == "https"
+
+    def redacted(self) -> str:
+        """The URL as it may be printed or logged: the password never appears."""
+        auth = self.username + (":***" if self.password.get_secret_value() else "")
+        return f"{self.scheme}://{auth}@{self.host}:{self.port}/{self.database}"
+
+
+class WarehouseServerSettings(BaseModel):
+    """The embedded ClickHouse HTTP server (`fleetlens warehouse serve`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(EMBEDDED_HOST, description="Bind address; loopback unless told otherwise.")
+    port: int = Field(EMBEDDED_PORT, ge=1, le=65535)
+    path: Path | None = Field(None, description="chDB data directory; default <data_dir>/warehouse.")
+    user: str = "default"
+    password: SecretStr | None = Field(None, description="Required for any non-loopback bind.")
+    max_body_bytes: int = Field(4 * 1024**3, gt=0, description="Largest request body accepted (413 above).")
+    max_query_bytes: int = Field(
+        16 * 1024**2, gt=0, description="Largest query text (everything but INSERT data) accepted."
+    )
+    max_concurrent_queries: int = Field(16, ge=1, le=256)
+    session_timeout_s: float = Field(60.0, gt=0, description="Idle time after which a session_id is dropped.")
+    session_lock_wait_s: float = Field(
+        10.0, ge=0, description="How long a request waits for its session while another request uses it."
+    )
+    graceful_shutdown_s: float = Field(30.0, ge=0, description="Time in-flight requests get on SIGTERM.")
+
+
+class Settings(BaseSettings):
+    """Everything FleetLens reads from its environment. Components take what they need from here."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLEETLENS_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(Path(".fleetlens"), description="Where embedded components keep their state.")
+    warehouse_url: str | None = Field(
+        None,
+        description="ClickHouse HTTP URL http://user:password@host:8123/database; unset = the embedded server.",
+    )
+    cluster: str | None = Field(None, description="Render DDL ON CLUSTER with Replicated* engines.")
+    traces_ttl_days: int = Field(0, ge=0, description="TTL of otel_traces in days; 0 keeps data forever.")
+    metrics_ttl_days: int = Field(0, ge=0, description="TTL of fleet_metrics in days; 0 keeps data forever.")
+    warehouse_server: WarehouseServerSettings = Field(default_factory=WarehouseServerSettings)
+
+    @field_validator("warehouse_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            WarehouseURL.parse(value)
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = Path(os.environ.get("FLEETLENS_CONFIG", DEFAULT_CONFIG_FILE))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file.is_file():
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        elif "FLEETLENS_CONFIG" in os.environ:
+            raise ConfigError(f"FLEETLENS_CONFIG: file {config_file} does not exist")
+        return tuple(sources)
+
+    @cached_property
+    def warehouse(self) -> WarehouseURL:
+        """The warehouse every component talks to: the configured URL, or the embedded server."""
+        if self.warehouse_url:
+            return WarehouseURL.parse(self.warehouse_url)
+        server = self.warehouse_server
+        password = server.password.get_secret_value() if server.password else ""
+        host = EMBEDDED_HOST if server.host in ("0.0.0.0", "::", "") else server.host
+        return WarehouseURL(
+            scheme="http",
+            host=host,
+            port=server.port,
+            username=server.user,
+            password=SecretStr(password),
+            database=DEFAULT_DATABASE,
+        )
+
+    @property
+    def uses_embedded_warehouse(self) -> bool:
+        return not self.warehouse_url
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.warehouse_server.path or self.data_dir / "warehouse"
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        env_name = "FLEETLENS_" + "__".join(str(part) for part in item["loc"]).upper()
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown setting (as env var: {env_name})")
+        else:
+            shown = "***" if ("password" in key or "url" in key) else repr(item.get("input"))
+            lines.append(f"  {key}: {item['msg']} (got {shown}; env var: {env_name})")
+    return "invalid FleetLens configuration:\n" + "\n".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Load settings, turning validation failures into a ConfigError that names each key."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error)) from None

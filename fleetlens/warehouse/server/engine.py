@@ -1,0 +1,206 @@
+"""The chDB engine behind the HTTP interface.
+
+chDB runs the real ClickHouse engine in-process, and exactly one process may own a data path.
+This module is that owner. Each chDB connection is a ClickHouse *session* (its own current
+database and settings) and connections run queries in parallel with the GIL released, so:
+
+- a request without `session_id` gets a fresh connection (fresh state, as ClickHouse gives a
+  sessionless query), closed afterwards — about 1 ms;
+- a request with `session_id` gets that session's connection, kept until `session_timeout`
+  seconds of idleness; one request at a time per session (others wait, then SESSION_IS_LOCKED);
+- per-request `database` and URL settings are applied before the query and, on a session,
+  restored afterwards, because in ClickHouse they are query-level and do not stick to the session.
+
+An "anchor" connection stays open for the life of the engine so that the embedded server is
+not torn down and rebuilt between requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import chdb
+
+from .errors import ClickHouseError, registry
+from .sql import quote_identifier, quote_string
+
+log = logging.getLogger("fleetlens.warehouse")
+
+
+@dataclass
+class Session:
+    session_id: str
+    connection: Any
+    timeout_s: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class QueryContext:
+    """What a request asks of the engine beyond the SQL text."""
+
+    database: str | None = None
+    settings: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    session_id: str | None = None
+    session_timeout_s: float | None = None
+    session_check: bool = False
+    query_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+class Engine:
+    """Owns the chDB data directory for this process and hands out sessions on it."""
+
+    def __init__(self, path: Path, *, session_timeout_s: float = 60.0, session_lock_wait_s: float = 10.0) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.session_timeout_s = session_timeout_s
+        self.session_lock_wait_s = session_lock_wait_s
+        try:
+            self._anchor = chdb.connect(str(self.path))
+        except Exception as error:  # e.g. another process holds the path
+            raise RuntimeError(f"cannot open the warehouse at {self.path}: {error}") from error
+        self._sessions: dict[str, Session] = {}
+        self._sessions_lock = threading.Lock()
+        self._closed = False
+        self.version = self._scalar("SELECT version()")
+        self.timezone = self._scalar("SELECT timezone()")
+        pairs = self._anchor.query(
+            "SELECT DISTINCT name, code FROM system.errors SETTINGS system_events_show_zero_values = 1", "TSV"
+        ).bytes().decode()
+        registry.load([(n, int(c)) for n, c in (line.split("\t") for line in pairs.splitlines())], self.version)
+        names = self._anchor.query("SELECT name FROM system.settings", "TSV").bytes().decode()
+        self.known_settings = frozenset(names.split())
+
+    def _scalar(self, sql: str) -> str:
+        return self._anchor.query(sql, "TSV").bytes().decode().strip()
+
+    # -- sessions -------------------------------------------------------------------------
+
+    @contextmanager
+    def connection(self, ctx: QueryContext) -> Iterator[Any]:
+        """A connection prepared for `ctx`; query-level state is undone afterwards."""
+        if self._closed:
+            raise ClickHouseError.named("ABORTED", "The server is shutting down")
+        if ctx.session_id is None:
+            conn = chdb.connect(str(self.path))
+            try:
+                self._apply(conn, ctx)
+                yield conn
+            finally:
+                conn.close()
+            return
+        session = self._session(ctx)
+        if not session.lock.acquire(timeout=self.session_lock_wait_s):
+            raise ClickHouseError.named(
+                "SESSION_IS_LOCKED", f"Session {ctx.session_id} is locked by a concurrent client."
+            )
+        try:
+            restore = self._apply(session.connection, ctx, remember=True)
+            try:
+                yield session.connection
+            finally:
+                self._restore(session.connection, restore)
+        finally:
+            session.last_used = time.monotonic()
+            session.lock.release()
+
+    def _session(self, ctx: QueryContext) -> Session:
+        assert ctx.session_id is not None
+        with self._sessions_lock:
+            self._expire_sessions()
+            session = self._sessions.get(ctx.session_id)
+            if session is None:
+                if ctx.session_check:
+                    raise ClickHouseError.named(
+                        "SESSION_NOT_FOUND", f"Session {ctx.session_id} not found (session_check=1)"
+                    )
+                session = Session(ctx.session_id, chdb.connect(str(self.path)),
+                                  ctx.session_timeout_s or self.session_timeout_s)
+                self._sessions[ctx.session_id] = session
+            elif ctx.session_timeout_s:
+                session.timeout_s = ctx.session_timeout_s
+            session.last_used = time.monotonic()
+            return session
+
+    def _expire_sessions(self) -> None:
+        now = time.monotonic()
+        for sid, session in list(self._sessions.items()):
+            if now - session.last_used > session.timeout_s and session.lock.acquire(blocking=False):
+                try:
+                    session.connection.close()
+                finally:
+                    del self._sessions[sid]
+                    session.lock.release()
+
+    def close_session(self, session_id: str) -> None:
+        with self._sessions_lock:
+            session = self._sessions.pop(session_id, None)
+        if session:
+            with session.lock:
+                session.connection.close()
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    # -- query-level state ----------------------------------------------------------------
+
+    def _apply(self, conn: Any, ctx: QueryContext, remember: bool = False) -> dict[str, Any]:
+        restore: dict[str, Any] = {}
+        unknown = [name for name in ctx.settings if name not in self.known_settings]
+        if unknown:
+            raise ClickHouseError.named("UNKNOWN_SETTING", f"Unknown setting '{unknown[0]}'")
+        if remember and ctx.settings:
+            names = ", ".join(quote_string(name) for name in ctx.settings)
+            rows = conn.query(f"SELECT name, value, changed FROM system.settings WHERE name IN ({names})",
+                              "TSVRaw").bytes().decode()
+            restore["settings"] = [line.split("\t") for line in rows.splitlines()]
+        if remember and ctx.database:
+            restore["database"] = conn.query("SELECT currentDatabase()", "TSVRaw").bytes().decode().strip()
+        for name, value in ctx.settings.items():
+            _run(conn, f"SET {quote_identifier(name)} = {quote_string(value)}")
+        if ctx.database:
+            _run(conn, f"USE {quote_identifier(ctx.database)}")
+        return restore
+
+    @staticmethod
+    def _restore(conn: Any, restore: dict[str, Any]) -> None:
+        try:
+            for name, value, changed in restore.get("settings", []):
+                target = quote_string(value) if changed == "1" else "DEFAULT"
+                conn.query(f"SET {quote_identifier(name)} = {target}")
+            if "database" in restore:
+                conn.query(f"USE {quote_identifier(restore['database'])}")
+        except Exception:  # the session is in an unknown state: drop it rather than leak settings
+            log.exception("could not restore session state; closing the session")
+            raise
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        for session in sessions:
+            with session.lock:
+                session.connection.close()
+        self._anchor.close()
+
+
+def _run(conn: Any, sql: str) -> None:
+    try:
+        conn.query(sql)
+    except Exception as error:
+        raise ClickHouseError.from_engine(error) from None

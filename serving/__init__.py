@@ -1,0 +1,1 @@
+"""OpenAI-compatible gateway over vLLM replicas, one trace per request (see the serving issue)."""
