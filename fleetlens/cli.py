@@ -1,0 +1,197 @@
+"""The `fleetlens` command line."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+from rich.table import Table
+
+from .config import ConfigError, Settings, load_settings
+
+app = typer.Typer(help="FleetLens: cost, latency and eval-gating for self-hosted LLM fleets.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+warehouse_app = typer.Typer(help="The ClickHouse warehouse (embedded chDB server or a real ClickHouse).",
+                            no_args_is_help=True)
+app.add_typer(warehouse_app, name="warehouse")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+
+
+@warehouse_app.command("serve")
+def warehouse_serve(
+    path: Annotated[Optional[Path], typer.Option(help="chDB data directory (default: <data_dir>/warehouse).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="HTTP port (default 8123).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the embedded ClickHouse engine over the ClickHouse HTTP interface."""
+    from .warehouse.server import check_bind_policy, serve
+    from .warehouse.server.runner import BindPolicyError
+
+    settings = _settings()
+    server = settings.warehouse_server.model_copy(
+        update={k: v for k, v in {"path": path, "port": port, "host": host}.items() if v is not None}
+    )
+    try:
+        check_bind_policy(server)
+    except BindPolicyError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data_path = server.path or settings.warehouse_path
+    try:
+        serve(data_path, server, log_level=log_level)
+    except RuntimeError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the FleetLens tables in the warehouse (idempotent)."""
+    settings = _settings()
+    _migrate(settings)
+
+
+def _migrate(settings: Settings) -> None:
+    from .schema import RenderOptions, load_migrations
+    from .schema import migrate as run_migrations
+    from .schema.migrate import MigrationError
+    from .warehouse.client import WarehouseUnavailable, connect
+
+    url = settings.warehouse
+    options = RenderOptions(database=url.database, cluster=settings.cluster,
+                            traces_ttl_days=settings.traces_ttl_days, metrics_ttl_days=settings.metrics_ttl_days)
+    try:
+        client = connect(url, database="default")
+    except WarehouseUnavailable as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+    total = len(load_migrations())
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  console=console, transient=True) as progress:
+        task = progress.add_task(f"migrating {url.redacted()}", total=total)
+        try:
+            result = run_migrations(client, options, on_step=lambda m: progress.advance(task))
+        except MigrationError as error:
+            err_console.print(f"[red]{error}[/red]")
+            raise typer.Exit(1) from None
+    if result.applied:
+        console.print(f"applied {len(result.applied)} migration(s): "
+                      + ", ".join(f"{m.version:04d}_{m.name}" for m in result.applied))
+    else:
+        console.print(f"schema up to date ({len(result.already)} migrations) at {url.redacted()}")
+    for m in result.changed:
+        console.print(f"[yellow]warning: {m.version:04d}_{m.name} changed since it was applied (not re-run)[/yellow]")
+
+
+@app.command()
+def status() -> None:
+    """What runs where: the warehouse, its tables and their row counts."""
+    from .schema import TABLES
+    from .warehouse.client import WarehouseUnavailable, connect, ping
+
+    settings = _settings()
+    url = settings.warehouse
+    table = Table(title="FleetLens status")
+    table.add_column("component")
+    table.add_column("where")
+    table.add_column("state")
+    up = ping(url)
+    kind = "embedded chDB" if settings.uses_embedded_warehouse else "ClickHouse"
+    table.add_row("warehouse", f"{url.redacted()} ({kind})", "[green]up[/green]" if up else "[red]down[/red]")
+    console.print(table)
+    if not up:
+        raise typer.Exit(1)
+    try:
+        client = connect(url, database="default")
+        version = client.server_version
+        rows = client.query(
+            "SELECT name, total_rows, total_bytes FROM system.tables WHERE database = {db:String} ORDER BY name",
+            parameters={"db": url.database},
+        ).result_rows
+    except (WarehouseUnavailable, Exception) as error:  # noqa: BLE001 - report, do not crash
+        err_console.print(f"[red]cannot query the warehouse: {error}[/red]")
+        raise typer.Exit(1) from None
+    tables = Table(title=f"database {url.database} (ClickHouse {version})")
+    tables.add_column("table")
+    tables.add_column("rows", justify="right")
+    tables.add_column("bytes", justify="right")
+    known = {name: (r, b) for name, r, b in rows}
+    for name in sorted(set(known) | set(TABLES)):
+        if name in known:
+            r, b = known[name]
+            tables.add_row(name, f"{r:,}" if r is not None else "-", f"{b:,}" if b is not None else "-")
+        else:
+            tables.add_row(name, "[yellow]missing: run `fleetlens migrate`[/yellow]", "")
+    console.print(tables)
+
+
+@app.command()
+def up(
+    port: Annotated[Optional[int], typer.Option(help="Warehouse HTTP port (default 8123).")] = None,
+) -> None:
+    """Start the embedded stack in the foreground (warehouse + schema); Ctrl-C stops everything."""
+    from .stack import Child, Stack, fleetlens_argv
+    from .warehouse.client import WarehouseUnavailable, wait_until_ready
+
+    overrides = {"warehouse_server": {"port": port}} if port else {}
+    settings = _settings(**overrides)
+    stack = Stack()
+    logs = settings.data_dir / "logs"
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        if settings.uses_embedded_warehouse:
+            argv = fleetlens_argv("warehouse", "serve", "--port", str(settings.warehouse_server.port),
+                                  "--path", str(settings.warehouse_path))
+            with console.status("starting the embedded warehouse..."):
+                child = stack.add(Child("warehouse", argv, logs / "warehouse.log", url=settings.warehouse.redacted()))
+                try:
+                    wait_until_ready(settings.warehouse, timeout_s=60)
+                except WarehouseUnavailable as error:
+                    err_console.print(f"[red]{error}; see {child.log_path}[/red]")
+                    raise typer.Exit(1) from None
+        _migrate(settings)
+        summary = Table(title="FleetLens is up")
+        summary.add_column("component")
+        summary.add_column("url")
+        summary.add_column("logs")
+        summary.add_row("warehouse", settings.warehouse.redacted(),
+                        str(logs / "warehouse.log") if settings.uses_embedded_warehouse else "(external)")
+        console.print(summary)
+        console.print("Press Ctrl-C to stop.")
+        if stack.children:
+            stack.wait(lambda c: err_console.print(f"[red]{c.name} exited; see {c.log_path}[/red]"))
+            raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopping...")
+    finally:
+        stack.stop()
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as error:
+        err_console.print(f"[red]{error}[/red]")
+        sys.exit(2)

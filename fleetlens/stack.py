@@ -1,0 +1,80 @@
+"""Run FleetLens' own processes (warehouse now; collector, gateway, dashboards later) side by side.
+
+Each child runs in its own process group, so stopping it also stops whatever it started; Ctrl-C
+or SIGTERM stops every child (SIGTERM, then SIGKILL after a grace period) and leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    url: str = ""
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        self.process = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True,
+                                        env={**os.environ, **(env or {})})
+        log_file.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        if not self.process or self.process.poll() is not None:
+            return
+        pgid = os.getpgid(self.process.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.process.wait()
+        try:  # anything left in the group (grandchildren)
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@dataclass
+class Stack:
+    children: list[Child] = field(default_factory=list)
+
+    def add(self, child: Child, env: dict[str, str] | None = None) -> Child:
+        child.start(env)
+        self.children.append(child)
+        return child
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+
+    def wait(self, on_exit: Callable[[Child], None]) -> None:
+        """Block until a child exits (reported through `on_exit`) or a signal arrives."""
+        while True:
+            for child in self.children:
+                if not child.alive:
+                    on_exit(child)
+                    return
+            time.sleep(0.5)
+
+
+def fleetlens_argv(*args: str) -> list[str]:
+    """argv that runs the FleetLens CLI of this interpreter."""
+    return [sys.executable, "-m", "fleetlens", *args]

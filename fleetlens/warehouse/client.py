@@ -1,0 +1,50 @@
+"""Clients for the warehouse URL: the one way FleetLens code reaches ClickHouse."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import clickhouse_connect
+import httpx
+from clickhouse_connect.driver.client import Client
+
+from ..config import WarehouseURL
+
+
+class WarehouseUnavailable(RuntimeError):
+    """The warehouse did not answer; the message says where FleetLens looked."""
+
+
+def connect(url: WarehouseURL, *, database: str | None = None, **kwargs: Any) -> Client:
+    """A clickhouse-connect client for `url` (its database unless `database` overrides it)."""
+    try:
+        return clickhouse_connect.get_client(
+            host=url.host,
+            port=url.port,
+            username=url.username,
+            password=url.password.get_secret_value(),
+            database=url.database if database is None else database,
+            secure=url.secure,
+            compress=kwargs.pop("compress", "lz4"),
+            **kwargs,
+        )
+    except Exception as error:
+        raise WarehouseUnavailable(f"cannot reach the warehouse at {url.redacted()}: {error}") from error
+
+
+def ping(url: WarehouseURL, timeout_s: float = 2.0) -> bool:
+    try:
+        response = httpx.get(f"{url.scheme}://{url.host}:{url.port}/ping", timeout=timeout_s)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+def wait_until_ready(url: WarehouseURL, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ping(url, timeout_s=1.0):
+            return
+        time.sleep(0.1)
+    raise WarehouseUnavailable(f"the warehouse at {url.redacted()} did not answer /ping within {timeout_s:.0f} s")
