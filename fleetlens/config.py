@@ -177,8 +177,31 @@ def _format_validation_error(error: ValidationError) -> str:
     return "invalid FleetLens configuration:\n" + "\n".join(lines)
 
 
+def _unknown_env_keys() -> list[str]:
+    """`FLEETLENS_*` variables that name no setting (pydantic-settings silently ignores them)."""
+    unknown = []
+    for name in os.environ:
+        if not name.startswith("FLEETLENS_") or name == "FLEETLENS_CONFIG":
+            continue
+        path = name[len("FLEETLENS_"):].lower().split("__")
+        model: type[BaseModel] | None = Settings
+        for part in path:
+            field = model.model_fields.get(part) if model else None
+            if field is None:
+                unknown.append(name)
+                break
+            annotation = field.annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return unknown
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Load settings, turning validation failures into a ConfigError that names each key."""
+    unknown = _unknown_env_keys()
+    if unknown:
+        keys = "\n".join(f"  {n[len('FLEETLENS_'):].lower().replace('__', '.')}: unknown setting (env var {n})"
+                         for n in sorted(unknown))
+        raise ConfigError("invalid FleetLens configuration:\n" + keys)
     try:
         return Settings(**overrides)
     except ValidationError as error:
