@@ -17,7 +17,6 @@ DBT = Path(sys.executable).parent / "dbt"
 SCHEMA = "dbt_smoke"
 RAW_SCHEMA = "dbt_smoke_raw"  # must match models/sources.yml
 
-pytestmark = pytest.mark.skipif(not DBT.exists(), reason="dbt is not installed in this environment")
 
 
 def make_project(tmp_path: Path, port: int) -> tuple[Path, Path]:
@@ -26,7 +25,7 @@ def make_project(tmp_path: Path, port: int) -> tuple[Path, Path]:
     shutil.copytree(PROJECT, project, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"))
     profiles = tmp_path / "profiles"
     profiles.mkdir()
-    (profiles / "profiles.yml").write_text(
+    profile = (
         "fleetlens_dbt_smoke:\n"
         "  target: embedded\n"
         "  outputs:\n"
@@ -41,9 +40,8 @@ def make_project(tmp_path: Path, port: int) -> tuple[Path, Path]:
         "      threads: 1\n"
         "      connect_timeout: 10\n"
         "      send_receive_timeout: 120\n"
-        "      custom_settings:\n"
-        "        wait_end_of_query: 1\n"
     )
+    (profiles / "profiles.yml").write_text(profile)
     return project, profiles
 
 
@@ -65,10 +63,10 @@ def explain(result: subprocess.CompletedProcess[str]) -> str:
     return f"dbt exited {result.returncode}\n--- stdout ---\n{result.stdout[-8000:]}\n--- stderr ---\n{result.stderr[-4000:]}"
 
 
-def run_results(project: Path) -> dict[str, str]:
-    """unique_id -> status from the last invocation's run_results.json."""
+def run_results(project: Path) -> tuple[str, dict[str, str]]:
+    """(invocation_id, unique_id -> status) from the last invocation's run_results.json."""
     data = json.loads((project / "target" / "run_results.json").read_text())
-    return {r["unique_id"]: r["status"] for r in data["results"]}
+    return data["metadata"]["invocation_id"], {r["unique_id"]: r["status"] for r in data["results"]}
 
 
 def create_raw_trips(client) -> None:
@@ -106,16 +104,18 @@ def test_dbt_build_twice_with_incremental_updates(start_warehouse, tmp_path: Pat
 
     first = dbt(project, profiles, "build")
     assert first.returncode == 0, explain(first)
-    statuses = run_results(project)
+    first_id, statuses = run_results(project)
     assert all(s in ("success", "pass") for s in statuses.values()), statuses
     # seed + 3 models + 10 generic tests + 1 singular test
     assert sum(k.startswith("seed.") for k in statuses) == 1
     assert sum(k.startswith("model.") for k in statuses) == 3
     assert sum(k.startswith("test.") for k in statuses) == 11
-    assert client.query(f"SELECT count() FROM {SCHEMA}.trips_latest").result_rows == [(3,)]
+    assert client.query(
+        f"SELECT count(), uniqExact(loaded_by), any(loaded_by) FROM {SCHEMA}.trips_latest"
+    ).result_rows == [(3, 1, first_id)]
 
-    # New source rows: two updates of already-loaded trips (later updated_at), two new trips,
-    # and a late duplicate-free re-emission of 103 that is *older* than the watermark (ignored).
+    # New source rows: two updates of already-loaded trips (later updated_at), two new trips, and a
+    # late re-emission of 103 that is *older* than the incremental watermark (must be ignored).
     insert_trips(client, [
         (101, 1, "active", 11.5, ts(9)),
         (102, 2, "done", 42.0, ts(9, 5)),
@@ -126,7 +126,8 @@ def test_dbt_build_twice_with_incremental_updates(start_warehouse, tmp_path: Pat
 
     second = dbt(project, profiles, "build")
     assert second.returncode == 0, explain(second)
-    statuses = run_results(project)
+    second_id, statuses = run_results(project)
+    assert second_id != first_id
     assert all(s in ("success", "pass") for s in statuses.values()), statuses
 
     # table (from the seed)
@@ -143,18 +144,20 @@ def test_dbt_build_twice_with_incremental_updates(start_warehouse, tmp_path: Pat
     ).result_rows == [("View",)]
     assert client.query(f"SELECT count(), countIf(status = 'planned') FROM {SCHEMA}.stg_trips").result_rows == [(8, 3)]
 
-    # incremental: new trips appended, updated trips replaced by unique_key (not duplicated)
+    # incremental: new trips appended, updated trips replaced by unique_key (not duplicated), and
+    # the untouched trip 103 still carries the first run's invocation id (it was not rebuilt)
     assert client.query(
         f"SELECT count(), count(DISTINCT trip_id) FROM {SCHEMA}.trips_latest"
     ).result_rows == [(5, 5)]
     assert client.query(
-        f"SELECT trip_id, vehicle_id, status, distance_km, updated_at FROM {SCHEMA}.trips_latest ORDER BY trip_id"
+        f"SELECT trip_id, vehicle_id, status, distance_km, updated_at, loaded_by"
+        f" FROM {SCHEMA}.trips_latest ORDER BY trip_id"
     ).result_rows == [
-        (101, 1, "active", 11.5, ts(9)),
-        (102, 2, "done", 42.0, ts(9, 5)),
-        (103, 3, "done", 7.25, ts(8, 10)),
-        (104, 4, "planned", 3.0, ts(9, 10)),
-        (105, 1, "active", 8.0, ts(9, 15)),
+        (101, 1, "active", 11.5, ts(9), second_id),
+        (102, 2, "done", 42.0, ts(9, 5), second_id),
+        (103, 3, "done", 7.25, ts(8, 10), first_id),
+        (104, 4, "planned", 3.0, ts(9, 10), second_id),
+        (105, 1, "active", 8.0, ts(9, 15), second_id),
     ]
 
 
@@ -167,7 +170,7 @@ def test_failing_generic_test_fails_the_build(start_warehouse, tmp_path: Path) -
         "--indirect-selection", "cautious", "--vars", "{inject_bad_row: true}",
     )
     assert result.returncode != 0, explain(result)
-    statuses = run_results(project)
+    _, statuses = run_results(project)
     assert statuses["seed.fleetlens_dbt_smoke.vehicles"] == "success", statuses
     assert statuses["model.fleetlens_dbt_smoke.dim_vehicles"] == "success", statuses
     unique = [k for k in statuses if k.startswith("test.fleetlens_dbt_smoke.unique_dim_vehicles_vehicle_id")]

@@ -205,3 +205,16 @@ def test_url_settings_apply_to_one_query_only(warehouse):
     c = warehouse.client(database=DB, autogenerate_session_id=True)
     assert c.query("SELECT getSetting('max_threads')", settings={"max_threads": 1}).result_rows[0][0] == 1
     assert c.query("SELECT getSetting('max_threads')").result_rows[0][0] != 1
+
+
+@pytest.mark.parametrize("statement,expected", [
+    ("EXISTS DATABASE default", "1"),
+    ("EXISTS TABLE system.one", "1"),
+    ("SHOW DATABASES", "system"),
+    ("DESCRIBE TABLE system.one", "dummy"),
+    ("EXPLAIN SELECT 1", "Expression"),
+    ("SHOW CREATE TABLE system.one", "CREATE TABLE system.one"),
+])
+def test_non_select_read_statements(warehouse, statement, expected):
+    """dbt-clickhouse opens every connection with EXISTS DATABASE; none of these may be streamed."""
+    assert expected in warehouse.client().raw_query(statement).decode()

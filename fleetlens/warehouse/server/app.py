@@ -315,7 +315,7 @@ class WarehouseApp:
 
         if fmt.lower() in PYTHON_ONLY_FORMATS or default_format.lower() in PYTHON_ONLY_FORMATS:
             raise ClickHouseError.named("UNKNOWN_FORMAT", f"Unknown output format {fmt}")
-        stream_it = kind in sql.READ_STATEMENTS and fmt.lower() in STREAMABLE_FORMATS and not wait_end
+        stream_it = kind in sql.STREAMABLE_STATEMENTS and fmt.lower() in STREAMABLE_FORMATS and not wait_end
         # The slot is held until the body is sent, which Starlette does in another task.
         slot = object()
         await self.limiter.acquire_on_behalf_of(slot)

@@ -19,7 +19,8 @@ _WORD_START = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_"
 _WORD_CHARS = _WORD_START | frozenset(b"0123456789$")
 _SPACE = frozenset(b" \t\r\n\f\v")
 
-READ_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS", "CHECK"})
+# Statements whose result chDB can stream block by block (it refuses EXISTS, SHOW, DESCRIBE, ...).
+STREAMABLE_STATEMENTS = frozenset({"SELECT", "WITH"})
 
 
 class NeedMoreData(Exception):
