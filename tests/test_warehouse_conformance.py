@@ -212,8 +212,8 @@ def test_url_settings_apply_to_one_query_only(warehouse):
     ("EXISTS TABLE system.one", "1"),
     ("SHOW DATABASES", "system"),
     ("DESCRIBE TABLE system.one", "dummy"),
-    ("EXPLAIN SELECT 1", "Expression"),
-    ("SHOW CREATE TABLE system.one", "CREATE TABLE system.one"),
+    ("EXPLAIN SELECT 1", "ReadFromSystemOne"),
+    ("SHOW CREATE DATABASE default", "CREATE DATABASE default"),
 ])
 def test_non_select_read_statements(warehouse, statement, expected):
     """dbt-clickhouse opens every connection with EXISTS DATABASE; none of these may be streamed."""

@@ -7,8 +7,6 @@ stops accepting connections and lets in-flight requests finish before the engine
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
