@@ -9,6 +9,7 @@ INSERT answered 200 has its parts written by the engine before the answer, so it
 from __future__ import annotations
 
 import ipaddress
+import signal
 import logging
 import socket
 from contextlib import asynccontextmanager
@@ -80,4 +81,8 @@ def serve(path: Path, config: WarehouseServerSettings, *, log_level: str = "info
         lifespan="on",
         h11_max_incomplete_event_size=1024 * 1024,
     )
+    # uvicorn re-raises the signal it caught once shutdown is done; with these no-op handlers in
+    # place (restored by uvicorn afterwards) a clean SIGTERM/SIGINT shutdown exits 0, not 143.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, lambda *_: None)
     uvicorn.Server(uvicorn_config).run()
