@@ -159,7 +159,9 @@ def up(
     def stop(*_: object) -> None:
         raise KeyboardInterrupt
 
+    # Explicit handlers: a process started in the background by a script inherits SIGINT *ignored*.
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         if settings.uses_embedded_warehouse:
             argv = fleetlens_argv("warehouse", "serve", "--port", str(settings.warehouse_server.port),

@@ -1,0 +1,51 @@
+"""`fleetlens up` starts the embedded stack and Ctrl-C / SIGTERM stop every process it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from conftest import free_port
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_up_then_signal_leaves_no_process(tmp_path, sig):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
+    env.update({"FLEETLENS_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200"})
+    # start_new_session + SIG_IGN for SIGINT mimics a background job of a non-interactive shell
+    up = subprocess.Popen([sys.executable, "-m", "fleetlens", "up", "--port", str(port)], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 90
+        while not any("Press Ctrl-C" in line for line in lines):
+            assert time.monotonic() < deadline and up.poll() is None, "".join(lines)
+            time.sleep(0.2)
+        count = httpx.post(f"http://127.0.0.1:{port}/", content=b"SELECT count() FROM system.tables "
+                           b"WHERE database = 'fleetlens' AND name = 'otel_traces'").text
+        assert count == "1\n"
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert children, "up started no child process"
+        up.send_signal(sig)
+        up.wait(timeout=60)
+        reader.join(timeout=10)
+        output = "".join(lines)
+        assert up.returncode == 0, output
+        assert "FleetLens is up" in output and "stopping" in output
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, alive
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
