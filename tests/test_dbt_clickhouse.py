@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 PROJECT = Path(__file__).resolve().parent / "dbt_smoke_project"
 DBT = Path(sys.executable).parent / "dbt"

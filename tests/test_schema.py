@@ -26,8 +26,8 @@ def describe(client, db: str, table: str) -> dict:
         "SELECT engine, partition_key, sorting_key, primary_key FROM system.tables "
         "WHERE database = {db:String} AND name = {t:String}")[0]
     return {
-        "columns": [dict(zip(["name", "type", "default_kind", "default_expression", "codec"], c)) for c in columns],
-        "indexes": [dict(zip(["name", "type_full", "expr", "granularity"], i)) for i in indexes],
+        "columns": [dict(zip(["name", "type", "default_kind", "default_expression", "codec"], c, strict=True)) for c in columns],
+        "indexes": [dict(zip(["name", "type_full", "expr", "granularity"], i, strict=True)) for i in indexes],
         "table": {"engine": engine, "partition_key": partition, "sorting_key": sorting, "primary_key": primary},
     }
 
@@ -55,7 +55,7 @@ def test_otel_tables_match_pinned_exporter_column_for_column(warehouse, table):
     live = describe(client, "mig_exporter", table)
     expected = FIXTURE[table]
     assert [c["name"] for c in live["columns"]] == [c["name"] for c in expected["columns"]]
-    for got, want in zip(live["columns"], expected["columns"]):
+    for got, want in zip(live["columns"], expected["columns"], strict=True):
         assert got == want, got["name"]
     assert live["indexes"] == expected["indexes"]
     assert live["table"] == expected["table"]
@@ -96,9 +96,11 @@ def test_ttl_renders_and_is_accepted(warehouse):
 
 def test_cli_migrate_reports_up_to_date(warehouse, tmp_path):
     env_url = f"http://default@127.0.0.1:{warehouse.port}/mig_cli"
-    run = lambda: subprocess.run([sys.executable, "-m", "fleetlens", "migrate"], capture_output=True, text=True,
-                                 env={"FLEETLENS_WAREHOUSE_URL": env_url, "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
-                                 cwd=tmp_path, timeout=120)
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fleetlens", "migrate"], capture_output=True, text=True,
+                              env={"FLEETLENS_WAREHOUSE_URL": env_url, "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+                              cwd=tmp_path, timeout=120)
+
     first, second = run(), run()
     assert first.returncode == 0, first.stderr
     assert "applied 3 migration(s)" in first.stdout

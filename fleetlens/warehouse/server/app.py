@@ -128,7 +128,6 @@ class WarehouseApp:
         self.engine = engine
         self.config = config
         self.limiter = anyio.CapacityLimiter(config.max_concurrent_queries)
-        self.inflight = 0
         self.app = Starlette(
             routes=[
                 Route("/", self.handle, methods=["GET", "POST"]),
@@ -150,7 +149,6 @@ class WarehouseApp:
         ctx = QueryContext(query_id=params.get("query_id") or QueryContext().query_id)
         headers = {"X-ClickHouse-Query-Id": ctx.query_id, "X-ClickHouse-Timezone": self.engine.timezone,
                    "X-ClickHouse-Server-Display-Name": "fleetlens"}
-        self.inflight += 1
         try:
             self._authenticate(request)
             self._fill_context(request, ctx)
@@ -160,8 +158,6 @@ class WarehouseApp:
         except Exception as error:  # never let one request take the server down
             log.exception("unexpected error serving query %s", ctx.query_id)
             response = self._error_response(ClickHouseError.from_engine(error), headers)
-        finally:
-            self.inflight -= 1
         log.debug("query %s -> %s in %.1f ms", ctx.query_id, response.status_code,
                   (time.perf_counter() - started) * 1000)
         return response

@@ -103,14 +103,20 @@ class Engine:
             raise ClickHouseError.named(
                 "SESSION_IS_LOCKED", f"Session {ctx.session_id} is locked by a concurrent client."
             )
+        broken = False
         try:
             restore = self._apply(session.connection, ctx, remember=True)
             try:
                 yield session.connection
             finally:
-                self._restore(session.connection, restore)
+                broken = not self._restore(session.connection, restore)
         finally:
             session.last_used = time.monotonic()
+            if broken:  # unknown state: the next request with this session_id starts a fresh one
+                with self._sessions_lock:
+                    if self._sessions.get(session.session_id) is session:
+                        del self._sessions[session.session_id]
+                session.connection.close()
             session.lock.release()
 
     def _session(self, ctx: QueryContext) -> Session:
@@ -173,16 +179,18 @@ class Engine:
         return restore
 
     @staticmethod
-    def _restore(conn: Any, restore: dict[str, Any]) -> None:
+    def _restore(conn: Any, restore: dict[str, Any]) -> bool:
+        """Undo query-level state on a session; False if that failed (the caller drops the session)."""
         try:
             for name, value, changed in restore.get("settings", []):
                 target = quote_string(value) if changed == "1" else "DEFAULT"
                 conn.query(f"SET {quote_identifier(name)} = {target}")
             if "database" in restore:
                 conn.query(f"USE {quote_identifier(restore['database'])}")
-        except Exception:  # the session is in an unknown state: drop it rather than leak settings
-            log.exception("could not restore session state; closing the session")
-            raise
+        except Exception:
+            log.exception("could not restore session state; dropping the session rather than leak settings")
+            return False
+        return True
 
     # -- lifecycle ------------------------------------------------------------------------
 
