@@ -1,0 +1,187 @@
+"""OTLP spans → `otel_traces` rows, written exactly as the OpenTelemetry Collector's ClickHouse exporter
+writes them (the pinned version named in fleetlens/schema/migrations/0001_otel_traces.sql).
+
+This is the one place where spans become rows. The output is columnar (one list per column, in
+`COLUMNS` order) because that is what the writer sends to ClickHouse.
+
+Exporter rules followed here:
+- one row per span; `Timestamp` = start time (ns), `Duration` = end − start in ns (0 if negative);
+- ids as lowercase hex, the empty string for an all-zero/absent id;
+- `ServiceName` = the resource's `service.name` string (empty if missing);
+- `SpanKind` / `StatusCode` as the proto enum names (`SPAN_KIND_SERVER`, `STATUS_CODE_ERROR`);
+- every attribute value stringified as pdata's `Value.AsString()` does: strings as-is, ints in
+  decimal, bools `true`/`false`, doubles as ES6/JSON numbers (`1`, `0.1`, `1e-7`, `1e+21`),
+  bytes base64, arrays and maps as compact JSON with sorted keys;
+- `ScopeName` / `ScopeVersion` from the instrumentation scope.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+COLUMNS: tuple[str, ...] = (
+    "Timestamp", "TraceId", "SpanId", "ParentSpanId", "TraceState", "SpanName", "SpanKind", "ServiceName",
+    "ResourceAttributes", "ScopeName", "ScopeVersion", "SpanAttributes", "Duration", "StatusCode", "StatusMessage",
+    "Events.Timestamp", "Events.Name", "Events.Attributes",
+    "Links.TraceId", "Links.SpanId", "Links.TraceState", "Links.Attributes",
+)
+
+SPAN_KINDS = ("SPAN_KIND_UNSPECIFIED", "SPAN_KIND_INTERNAL", "SPAN_KIND_SERVER", "SPAN_KIND_CLIENT",
+              "SPAN_KIND_PRODUCER", "SPAN_KIND_CONSUMER")
+STATUS_CODES = ("STATUS_CODE_UNSET", "STATUS_CODE_OK", "STATUS_CODE_ERROR")
+
+
+@dataclass
+class TraceColumns:
+    """Rows of `otel_traces`, column by column (`COLUMNS` order)."""
+
+    columns: dict[str, list[Any]] = field(default_factory=lambda: {name: [] for name in COLUMNS})
+
+    def __len__(self) -> int:
+        return len(self.columns["SpanId"])
+
+    def as_lists(self) -> list[list[Any]]:
+        return [self.columns[name] for name in COLUMNS]
+
+    def extend(self, other: TraceColumns) -> None:
+        for name in COLUMNS:
+            self.columns[name].extend(other.columns[name])
+
+
+def hex_id(raw: bytes) -> str:
+    """Lowercase hex, or '' for an absent or all-zero id (the exporter's *ToHexOrEmptyString)."""
+    return raw.hex() if raw and any(raw) else ""
+
+
+def format_double(value: float) -> str:
+    """A float as Go's pdata renders it: the ES6 number-to-string rules, shortest round-trip digits."""
+    if math.isnan(value) or math.isinf(value):
+        go = "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+        return f"json: unsupported value: {go}"
+    if value == 0:
+        return "-0" if math.copysign(1.0, value) < 0 else "0"
+    magnitude = abs(value)
+    shortest = Decimal(repr(value))
+    if 1e-6 <= magnitude < 1e21:
+        text = format(shortest.normalize(), "f")
+        return text
+    sign, digits, exponent = shortest.normalize().as_tuple()
+    mantissa = str(digits[0]) + ("." + "".join(map(str, digits[1:])) if len(digits) > 1 else "")
+    power = exponent + len(digits) - 1
+    return f"{'-' if sign else ''}{mantissa}e{'+' if power >= 0 else '-'}{abs(power)}"
+
+
+def _raw(value: AnyValue) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "int_value":
+        return value.int_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "double_value":
+        return _JsonNumber(value.double_value)
+    if kind == "bytes_value":
+        return base64.b64encode(value.bytes_value).decode("ascii")
+    if kind == "array_value":
+        return [_raw(item) for item in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: _raw(kv.value) for kv in value.kvlist_value.values}
+    return None
+
+
+class _JsonNumber(float):
+    """A double inside JSON, rendered with Go's rules rather than Python's repr."""
+
+
+def _go_json(value: Any) -> str:
+    """Compact JSON with sorted keys and Go's HTML-safe escaping of <, > and &."""
+    text = _dump(value)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _dump(value: Any) -> str:
+    if isinstance(value, _JsonNumber):
+        return format_double(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_dump(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + _dump(value[k]) for k in sorted(value)) + "}"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def value_as_string(value: AnyValue) -> str:
+    """pdata `Value.AsString()` for one attribute value."""
+    kind = value.WhichOneof("value")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "int_value":
+        return str(value.int_value)
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    if kind == "double_value":
+        return format_double(value.double_value)
+    if kind == "bytes_value":
+        return base64.b64encode(value.bytes_value).decode("ascii")
+    if kind in ("array_value", "kvlist_value"):
+        return _go_json(_raw(value))
+    return ""
+
+
+def attributes_to_map(attributes: Any) -> dict[str, str]:
+    return {kv.key: value_as_string(kv.value) for kv in attributes}
+
+
+def _service_name(attributes: list[KeyValue] | Any) -> str:
+    for kv in attributes:
+        if kv.key == "service.name":
+            return kv.value.string_value if kv.value.WhichOneof("value") == "string_value" else ""
+    return ""
+
+
+def map_request(request: ExportTraceServiceRequest) -> TraceColumns:
+    """All spans of one OTLP export request as `otel_traces` columns."""
+    out = TraceColumns()
+    c = out.columns
+    ts, trace_ids, span_ids, parents = c["Timestamp"], c["TraceId"], c["SpanId"], c["ParentSpanId"]
+    for resource_spans in request.resource_spans:
+        resource_attrs = resource_spans.resource.attributes
+        resource_map = attributes_to_map(resource_attrs)
+        service = _service_name(resource_attrs)
+        for scope_spans in resource_spans.scope_spans:
+            scope_name = scope_spans.scope.name
+            scope_version = scope_spans.scope.version
+            for span in scope_spans.spans:
+                start, end = span.start_time_unix_nano, span.end_time_unix_nano
+                ts.append(start)
+                trace_ids.append(hex_id(span.trace_id))
+                span_ids.append(hex_id(span.span_id))
+                parents.append(hex_id(span.parent_span_id))
+                c["TraceState"].append(span.trace_state)
+                c["SpanName"].append(span.name)
+                c["SpanKind"].append(SPAN_KINDS[span.kind] if 0 <= span.kind < len(SPAN_KINDS) else "")
+                c["ServiceName"].append(service)
+                c["ResourceAttributes"].append(resource_map)
+                c["ScopeName"].append(scope_name)
+                c["ScopeVersion"].append(scope_version)
+                c["SpanAttributes"].append(attributes_to_map(span.attributes))
+                c["Duration"].append(end - start if end > start else 0)
+                code = span.status.code
+                c["StatusCode"].append(STATUS_CODES[code] if 0 <= code < len(STATUS_CODES) else "")
+                c["StatusMessage"].append(span.status.message)
+                c["Events.Timestamp"].append([e.time_unix_nano for e in span.events])
+                c["Events.Name"].append([e.name for e in span.events])
+                c["Events.Attributes"].append([attributes_to_map(e.attributes) for e in span.events])
+                c["Links.TraceId"].append([hex_id(link.trace_id) for link in span.links])
+                c["Links.SpanId"].append([hex_id(link.span_id) for link in span.links])
+                c["Links.TraceState"].append([link.trace_state for link in span.links])
+                c["Links.Attributes"].append([attributes_to_map(link.attributes) for link in span.links])
+    return out
