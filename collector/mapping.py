@@ -4,15 +4,22 @@ writes them (the pinned version named in fleetlens/schema/migrations/0001_otel_t
 This is the one place where spans become rows. The output is columnar (one list per column, in
 `COLUMNS` order) because that is what the writer sends to ClickHouse.
 
-Exporter rules followed here:
-- one row per span; `Timestamp` = start time (ns), `Duration` = end − start in ns (0 if negative);
+Exporter rules followed here (checked against the exporter's code and its integration test, which
+expects e.g. SpanKind "Internal", StatusCode "Error", Duration 60000000000 for a one-minute span):
+- one row per span; `Timestamp` = start time (ns); `Duration` = end − start in ns as an unsigned
+  64-bit subtraction (an end before the start wraps around, as in the exporter — downstream models
+  treat such rows as invalid rather than this module silently "fixing" them);
 - ids as lowercase hex, the empty string for an all-zero/absent id;
-- `ServiceName` = the resource's `service.name` string (empty if missing);
-- `SpanKind` / `StatusCode` as the proto enum names (`SPAN_KIND_SERVER`, `STATUS_CODE_ERROR`);
+- `ServiceName` = the resource's `service.name` value as a string (empty if missing);
+- `SpanKind` / `StatusCode` as pdata's `String()` names: `Server`, `Client`, `Internal`, ... and
+  `Unset`, `Ok`, `Error`. (Exporter versions before the ScopeName/ScopeVersion columns wrote
+  `SPAN_KIND_SERVER` / `STATUS_CODE_OK`; readers should accept both.)
 - every attribute value stringified as pdata's `Value.AsString()` does: strings as-is, ints in
   decimal, bools `true`/`false`, doubles as ES6/JSON numbers (`1`, `0.1`, `1e-7`, `1e+21`),
-  bytes base64, arrays and maps as compact JSON with sorted keys;
-- `ScopeName` / `ScopeVersion` from the instrumentation scope.
+  bytes base64, arrays and maps as compact JSON with sorted keys (current pdata does not
+  HTML-escape `<`, `>`, `&`);
+- `ScopeName` / `ScopeVersion` from the instrumentation scope (no longer copied into SpanAttributes);
+  schema URLs, scope attributes, flags and dropped counts are not stored.
 """
 
 from __future__ import annotations
@@ -34,9 +41,9 @@ COLUMNS: tuple[str, ...] = (
     "Links.TraceId", "Links.SpanId", "Links.TraceState", "Links.Attributes",
 )
 
-SPAN_KINDS = ("SPAN_KIND_UNSPECIFIED", "SPAN_KIND_INTERNAL", "SPAN_KIND_SERVER", "SPAN_KIND_CLIENT",
-              "SPAN_KIND_PRODUCER", "SPAN_KIND_CONSUMER")
-STATUS_CODES = ("STATUS_CODE_UNSET", "STATUS_CODE_OK", "STATUS_CODE_ERROR")
+SPAN_KINDS = ("Unspecified", "Internal", "Server", "Client", "Producer", "Consumer")
+STATUS_CODES = ("Unset", "Ok", "Error")
+_U64 = (1 << 64) - 1
 
 
 @dataclass
@@ -103,9 +110,8 @@ class _JsonNumber(float):
 
 
 def _go_json(value: Any) -> str:
-    """Compact JSON with sorted keys and Go's HTML-safe escaping of <, > and &."""
-    text = _dump(value)
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    """Compact JSON with sorted keys, as Go's encoder without HTML escaping writes it."""
+    return _dump(value).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def _dump(value: Any) -> str:
@@ -137,13 +143,15 @@ def value_as_string(value: AnyValue) -> str:
 
 
 def attributes_to_map(attributes: Any) -> dict[str, str]:
-    return {kv.key: value_as_string(kv.value) for kv in attributes}
+    """Attributes as the exporter's ordered map: stringified values, entries sorted by key
+    (ClickHouse keeps a Map's insertion order, so the order is part of the row)."""
+    return {kv.key: value_as_string(kv.value) for kv in sorted(attributes, key=lambda kv: kv.key.encode())}
 
 
 def _service_name(attributes: list[KeyValue] | Any) -> str:
     for kv in attributes:
         if kv.key == "service.name":
-            return kv.value.string_value if kv.value.WhichOneof("value") == "string_value" else ""
+            return value_as_string(kv.value)
     return ""
 
 
@@ -173,7 +181,7 @@ def map_request(request: ExportTraceServiceRequest) -> TraceColumns:
                 c["ScopeName"].append(scope_name)
                 c["ScopeVersion"].append(scope_version)
                 c["SpanAttributes"].append(attributes_to_map(span.attributes))
-                c["Duration"].append(end - start if end > start else 0)
+                c["Duration"].append((end - start) & _U64)
                 code = span.status.code
                 c["StatusCode"].append(STATUS_CODES[code] if 0 <= code < len(STATUS_CODES) else "")
                 c["StatusMessage"].append(span.status.message)

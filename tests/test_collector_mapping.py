@@ -56,9 +56,10 @@ def test_sdk_spans_map_field_by_field():
     assert c["SpanId"][i] == trace.format_span_id(child_sdk.context.span_id)
     assert c["ParentSpanId"][i] == trace.format_span_id(root_sdk.context.span_id)
     assert c["ParentSpanId"][r] == ""  # root: no parent -> empty string, not zeros
-    assert c["SpanKind"][i] == "SPAN_KIND_CLIENT" and c["SpanKind"][r] == "SPAN_KIND_SERVER"
-    assert c["StatusCode"][i] == "STATUS_CODE_ERROR" and c["StatusMessage"][i] == "upstream timeout"
-    assert c["StatusCode"][r] == "STATUS_CODE_OK"
+    assert c["SpanKind"][i] == "Client" and c["SpanKind"][r] == "Server"
+    assert c["StatusCode"][i] == "Error" and c["StatusMessage"][i] == "upstream timeout"
+    assert c["StatusCode"][r] == "Ok"
+    assert "otel.scope.name" not in c["SpanAttributes"][i]
     assert c["ServiceName"][i] == "gateway"
     assert c["ResourceAttributes"][i]["deployment.environment"] == "test"
     assert c["ResourceAttributes"][i]["replicas"] == "3"
@@ -81,6 +82,13 @@ def test_doubles_render_like_go(value, expected):
     assert format_double(value) == expected
 
 
+def test_end_before_start_wraps_like_the_exporter():
+    request, _ = sdk_request()
+    span = request.resource_spans[0].scope_spans[0].spans[0]
+    span.end_time_unix_nano = span.start_time_unix_nano - 5
+    assert map_request(request).columns["Duration"][0] == 2**64 - 5
+
+
 def test_complex_values_render_as_go_json():
     kv = AnyValue(kvlist_value=KeyValueList(values=[
         KeyValue(key="z", value=AnyValue(int_value=1)),
@@ -88,7 +96,7 @@ def test_complex_values_render_as_go_json():
         KeyValue(key="m", value=AnyValue(array_value=ArrayValue(values=[AnyValue(double_value=2.0),
                                                                          AnyValue(bool_value=True)]))),
     ]))
-    assert value_as_string(kv) == '{"a":"\\u003cx \\u0026 y\\u003e","m":[2,true],"z":1}'
+    assert value_as_string(kv) == '{"a":"<x & y>","m":[2,true],"z":1}'
     assert value_as_string(AnyValue(bytes_value=b"\x00\xff")) == "AP8="
     assert value_as_string(AnyValue()) == ""
 
@@ -102,6 +110,9 @@ def test_mapped_rows_insert_into_otel_traces(warehouse):
                   column_oriented=True)
     got = client.query("SELECT SpanName, SpanKind, SpanAttributes['ratio'], length(Events.Name), "
                        "toUnixTimestamp64Nano(Timestamp) FROM mapping.otel_traces ORDER BY SpanName").result_rows
-    assert [g[:4] for g in got] == [("POST /v1/chat/completions", "SPAN_KIND_SERVER", "", 0),
-                                    ("upstream", "SPAN_KIND_CLIENT", "0.1", 1)]
+    assert [g[:4] for g in got] == [("POST /v1/chat/completions", "Server", "", 0),
+                                    ("upstream", "Client", "0.1", 1)]
     assert sorted(g[4] for g in got) == sorted(rows.columns["Timestamp"])
+    keys = client.query("SELECT mapKeys(SpanAttributes) FROM mapping.otel_traces WHERE SpanName = 'upstream'"
+                        ).result_rows[0][0]
+    assert keys == sorted(keys) and len(keys) == 6  # stored in the exporter's (sorted) order
