@@ -49,3 +49,11 @@ def test_output_format_and_kind():
     assert sql.output_format(b"SELECT (SELECT 1) AS x") is None
     assert sql.statement_kind(b"  (SELECT 1)") == "SELECT"
     assert sql.statement_kind(b"-- c\nWITH 1 AS x SELECT x") == "WITH"
+
+
+def test_statement_kind_waits_for_a_complete_keyword():
+    for head in (b"", b"  ", b"-- comment", b"(", b"INS"):
+        with pytest.raises(sql.NeedMoreData):
+            sql.statement_kind(head, complete=False)
+    assert sql.statement_kind(b"INSERT ", complete=False) == "INSERT"
+    assert sql.statement_kind(b"", complete=True) == ""

@@ -233,7 +233,7 @@ class WarehouseApp:
         # Read until the leading keyword is known.
         while True:
             try:
-                first = _first_word(buf, complete=body.eof)
+                first = sql.statement_kind(buf, complete=body.eof)
                 break
             except sql.NeedMoreData:
                 if len(buf) > self.config.max_query_bytes:
@@ -297,9 +297,10 @@ class WarehouseApp:
     async def _query(self, request: Request, ctx: QueryContext, text: str, headers: dict[str, str]) -> Response:
         params = request.query_params
         default_format = params.get("default_format") or request.headers.get("x-clickhouse-format") or "TabSeparated"
-        fmt = sql.output_format(text.encode("utf-8")) or default_format
+        encoded = text.encode("utf-8")
+        fmt = sql.output_format(encoded) or default_format
         headers["X-ClickHouse-Format"] = fmt
-        kind = sql.statement_kind(text.encode("utf-8"))
+        kind = sql.statement_kind(encoded)
         wait_end = params.get("wait_end_of_query") in ("1", "true")
         encoding, encoder = (None, None)
         if params.get("enable_http_compression") in ("1", "true"):
@@ -371,18 +372,6 @@ class WarehouseApp:
             del result
             await _release(lease)
             self.limiter.release_on_behalf_of(slot)
-
-
-def _first_word(buf: bytes, *, complete: bool) -> str:
-    """The leading keyword of the query text, or NeedMoreData while it may still be coming."""
-    for token in sql.tokens(buf, complete=complete):
-        if token.kind == "word":
-            return token.upper
-        if token.text != b"(":
-            return ""
-    if not complete:
-        raise sql.NeedMoreData
-    return ""
 
 
 def _query_too_large(limit: int) -> ClickHouseError:

@@ -108,13 +108,18 @@ def tokens(buf: bytes, *, complete: bool) -> Iterator[Token]:
             i += 1
 
 
-def statement_kind(buf: bytes) -> str:
-    """The leading keyword (upper case), looking through parentheses: `(SELECT ...)` is SELECT."""
-    for token in tokens(buf, complete=True):
+def statement_kind(buf: bytes, *, complete: bool = True) -> str:
+    """The leading keyword (upper case), looking through parentheses: `(SELECT ...)` is SELECT.
+
+    On an incomplete buffer, NeedMoreData while the keyword may still be coming.
+    """
+    for token in tokens(buf, complete=complete):
         if token.kind == "word":
             return token.upper
         if token.text != b"(":
             return ""
+    if not complete:
+        raise NeedMoreData
     return ""
 
 
