@@ -34,11 +34,13 @@ from typing import Callable
 
 import chdb
 import clickhouse_connect
-import httpx
 import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
+
+from fleetlens.config import WarehouseURL
+from fleetlens.warehouse.client import WarehouseUnavailable, wait_until_ready
 
 TABLE = "bench_traces"
 COLUMNS = {
@@ -131,18 +133,12 @@ def start_server(path: Path, port: int, log_path: Path) -> subprocess.Popen[byte
              "--log-level", "warning"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"warehouse exited: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    stop_server(process)
-    raise RuntimeError(f"warehouse did not start: {log_path.read_text()[-2000:]}")
+    try:
+        wait_until_ready(WarehouseURL.parse(f"http://127.0.0.1:{port}"), 60, alive=lambda: process.poll() is None)
+    except WarehouseUnavailable as error:
+        stop_server(process)
+        raise RuntimeError(f"{error}: {log_path.read_text()[-2000:]}") from None
+    return process
 
 
 def stop_server(process: subprocess.Popen[bytes]) -> int | None:

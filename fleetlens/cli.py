@@ -169,7 +169,7 @@ def up(
             with console.status("starting the embedded warehouse..."):
                 child = stack.add(Child("warehouse", argv, logs / "warehouse.log", url=settings.warehouse.redacted()))
                 try:
-                    wait_until_ready(settings.warehouse, timeout_s=60)
+                    wait_until_ready(settings.warehouse, timeout_s=60, alive=lambda: child.alive)
                 except WarehouseUnavailable as error:
                     err_console.print(f"[red]{error}; see {child.log_path}[/red]")
                     raise typer.Exit(1) from None

@@ -7,14 +7,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import clickhouse_connect
-import httpx
 import pytest
+
+from fleetlens.config import WarehouseURL
+from fleetlens.warehouse.client import WarehouseUnavailable, wait_until_ready
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,17 +53,11 @@ class WarehouseProcess:
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
         log.close()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"warehouse exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/ping", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"warehouse did not start: {self.log_path.read_text()[-2000:]}")
+        try:
+            wait_until_ready(WarehouseURL.parse(self.url), timeout_s, alive=lambda: self.process.poll() is None)
+        except WarehouseUnavailable as error:
+            raise RuntimeError(f"{error}: {self.log_path.read_text()[-2000:]}") from None
+        return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int | None:
         if self.process is None or self.process.poll() is not None:

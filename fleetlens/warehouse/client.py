@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import clickhouse_connect
 import httpx
@@ -41,9 +41,13 @@ def ping(url: WarehouseURL, timeout_s: float = 2.0) -> bool:
     return response.status_code == 200
 
 
-def wait_until_ready(url: WarehouseURL, timeout_s: float = 30.0) -> None:
+def wait_until_ready(url: WarehouseURL, timeout_s: float = 30.0, *, alive: Callable[[], bool] | None = None) -> None:
+    """Block until `url` answers /ping. With `alive` (the server process we started), stop
+    waiting as soon as it has died instead of running out the whole timeout."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise WarehouseUnavailable(f"the warehouse at {url.redacted()} exited before answering /ping")
         if ping(url, timeout_s=1.0):
             return
         time.sleep(0.1)

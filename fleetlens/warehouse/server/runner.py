@@ -9,8 +9,8 @@ INSERT answered 200 has its parts written by the engine before the answer, so it
 from __future__ import annotations
 
 import ipaddress
-import signal
 import logging
+import signal
 import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
