@@ -170,11 +170,18 @@ def _format_validation_error(error: ValidationError) -> str:
         key = ".".join(str(part) for part in item["loc"]) or "<root>"
         env_name = "FLEETLENS_" + "__".join(str(part) for part in item["loc"]).upper()
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown setting (as env var: {env_name})")
+            lines.append(_unknown_setting(key, env_name))
         else:
             shown = "***" if ("password" in key or "url" in key) else repr(item.get("input"))
             lines.append(f"  {key}: {item['msg']} (got {shown}; env var: {env_name})")
-    return "invalid FleetLens configuration:\n" + "\n".join(lines)
+    return _CONFIG_ERROR + "\n".join(lines)
+
+
+_CONFIG_ERROR = "invalid FleetLens configuration:\n"
+
+
+def _unknown_setting(key: str, env_name: str) -> str:
+    return f"  {key}: unknown setting (as env var: {env_name})"
 
 
 def _unknown_env_keys() -> list[str]:
@@ -199,9 +206,8 @@ def load_settings(**overrides: Any) -> Settings:
     """Load settings, turning validation failures into a ConfigError that names each key."""
     unknown = _unknown_env_keys()
     if unknown:
-        keys = "\n".join(f"  {n[len('FLEETLENS_'):].lower().replace('__', '.')}: unknown setting (env var {n})"
-                         for n in sorted(unknown))
-        raise ConfigError("invalid FleetLens configuration:\n" + keys)
+        lines = [_unknown_setting(n[len("FLEETLENS_"):].lower().replace("__", "."), n) for n in sorted(unknown)]
+        raise ConfigError(_CONFIG_ERROR + "\n".join(lines))
     try:
         return Settings(**overrides)
     except ValidationError as error:

@@ -61,7 +61,7 @@ def test_bad_env_names_the_key(monkeypatch):
 
 def test_unknown_env_setting_is_rejected(monkeypatch):
     monkeypatch.setenv("FLEETLENS_WAREHOUS_URL", "http://x")
-    with pytest.raises(ConfigError, match="warehous_url: unknown setting"):
+    with pytest.raises(ConfigError, match="warehous_url: unknown setting \\(as env var: FLEETLENS_WAREHOUS_URL\\)"):
         load_settings()
 
 
