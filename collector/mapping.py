@@ -58,10 +58,6 @@ class TraceColumns:
     def as_lists(self) -> list[list[Any]]:
         return [self.columns[name] for name in COLUMNS]
 
-    def extend(self, other: TraceColumns) -> None:
-        for name in COLUMNS:
-            self.columns[name].extend(other.columns[name])
-
 
 def hex_id(raw: bytes) -> str:
     """Lowercase hex, or '' for an absent or all-zero id (the exporter's *ToHexOrEmptyString)."""
