@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -94,6 +94,57 @@ class WarehouseServerSettings(BaseModel):
     graceful_shutdown_s: float = Field(30.0, ge=0, description="Time in-flight requests get on SIGTERM.")
 
 
+class ScrapeTarget(BaseModel):
+    """One vLLM replica whose Prometheus `/metrics` the collector scrapes into `fleet_metrics`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replica: str = Field(description="Replica name, as in `fleet_metrics.replica` (e.g. `llama-8b-0`).")
+    url: str = Field(description="Base URL of the replica (`http://host:port`) or its full `/metrics` URL.")
+    model: str = Field("", description="Served model name, copied into `fleet_metrics.model`.")
+
+    @property
+    def metrics_url(self) -> str:
+        return self.url if self.url.rstrip("/").endswith("/metrics") else self.url.rstrip("/") + "/metrics"
+
+
+class CollectorSettings(BaseModel):
+    """The OTLP collector (`fleetlens collector`): receivers, spool, batching, scraping."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(EMBEDDED_HOST, description="Bind address of both receivers; loopback unless told otherwise.")
+    grpc_port: int = Field(4317, ge=0, le=65535, description="OTLP/gRPC port; 0 turns the receiver off.")
+    http_port: int = Field(4318, ge=1, le=65535, description="OTLP/HTTP port (also serves the collector's /metrics).")
+    max_request_bytes: int = Field(
+        16 * 1024**2, gt=0, description="Largest OTLP request, on the wire and after gunzip (413 / RESOURCE_EXHAUSTED)."
+    )
+    max_attribute_value_bytes: int = Field(
+        1024**2, gt=0, description="Spans carrying a longer attribute value are rejected (reported as partial success)."
+    )
+    max_concurrent_requests: int = Field(64, ge=1, description="Requests read at once; more get a retryable answer.")
+    queue_max_bytes: int = Field(
+        64 * 1024**2, gt=0, description="Requests waiting for the spool's fsync; above it senders get 429."
+    )
+    memory_limit_bytes: int = Field(
+        1024**3, gt=0, description="Above this RSS new data is refused with a retryable answer (memory limiter)."
+    )
+    spool_dir: Path | None = Field(None, description="Write-ahead spool directory; default <data_dir>/spool.")
+    spool_max_bytes: int = Field(2 * 1024**3, gt=0, description="Bound on the spool's size on disk.")
+    spool_full_policy: Literal["reject", "drop_oldest"] = Field(
+        "reject",
+        description="When the spool is full: refuse new data (senders retry) or drop the oldest spooled data (counted).",
+    )
+    spool_segment_bytes: int = Field(64 * 1024**2, gt=0, description="Size at which a spool segment file is rolled.")
+    batch_max_spans: int = Field(20_000, ge=1, description="A batch is written when it holds this many spans ...")
+    batch_timeout_s: float = Field(0.5, gt=0, description="... or when its oldest span has waited this long.")
+    retry_initial_s: float = Field(0.5, gt=0, description="First backoff after a failed warehouse write.")
+    retry_max_s: float = Field(30.0, gt=0, description="Longest backoff between warehouse write attempts.")
+    scrape_interval_s: float = Field(15.0, gt=0, description="How often each replica's /metrics is scraped.")
+    scrape_timeout_s: float = Field(5.0, gt=0, description="A scrape slower than this counts the replica as down.")
+    scrape_targets: list[ScrapeTarget] = Field(default_factory=list, description="vLLM replicas to scrape.")
+
+
 class Settings(BaseSettings):
     """Everything FleetLens reads from its environment. Components take what they need from here."""
 
@@ -113,6 +164,7 @@ class Settings(BaseSettings):
     traces_ttl_days: int = Field(0, ge=0, description="TTL of otel_traces in days; 0 keeps data forever.")
     metrics_ttl_days: int = Field(0, ge=0, description="TTL of fleet_metrics in days; 0 keeps data forever.")
     warehouse_server: WarehouseServerSettings = Field(default_factory=WarehouseServerSettings)
+    collector: CollectorSettings = Field(default_factory=CollectorSettings)
 
     @field_validator("warehouse_url")
     @classmethod
@@ -162,6 +214,10 @@ class Settings(BaseSettings):
     @property
     def warehouse_path(self) -> Path:
         return self.warehouse_server.path or self.data_dir / "warehouse"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.collector.spool_dir or self.data_dir / "spool"
 
 
 def _format_validation_error(error: ValidationError) -> str:
