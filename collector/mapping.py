@@ -151,9 +151,10 @@ def _service_name(attributes: list[KeyValue] | Any) -> str:
     return ""
 
 
-def map_request(request: ExportTraceServiceRequest) -> TraceColumns:
-    """All spans of one OTLP export request as `otel_traces` columns."""
-    out = TraceColumns()
+def map_request(request: ExportTraceServiceRequest, into: TraceColumns | None = None) -> TraceColumns:
+    """All spans of one OTLP export request as `otel_traces` columns (appended to `into` if given,
+    so one batch of many requests becomes one columnar insert)."""
+    out = TraceColumns() if into is None else into
     c = out.columns
     ts, trace_ids, span_ids, parents = c["Timestamp"], c["TraceId"], c["SpanId"], c["ParentSpanId"]
     for resource_spans in request.resource_spans:

@@ -63,6 +63,29 @@ def warehouse_serve(
 
 
 @app.command()
+def collector(
+    otlp_grpc_port: Annotated[Optional[int], typer.Option(help="OTLP/gRPC port (default 4317; 0 = off).")] = None,
+    otlp_http_port: Annotated[Optional[int], typer.Option(help="OTLP/HTTP port (default 4318).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    spool_dir: Annotated[Optional[Path], typer.Option(help="Spool directory (default <data_dir>/spool).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Writer processes (span mapping + inserts).")] = 2,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Receive OTLP traces (gRPC + HTTP) and vLLM metrics, and write them to the warehouse."""
+    from .collector.service import run
+
+    settings = _settings()
+    updates = {"grpc_port": otlp_grpc_port, "http_port": otlp_http_port, "host": host, "spool_dir": spool_dir}
+    settings.collector = settings.collector.model_copy(update={k: v for k, v in updates.items() if v is not None})
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(settings, writer_workers=workers)
+    except OSError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+
+
+@app.command()
 def migrate() -> None:
     """Create or upgrade the FleetLens tables in the warehouse (idempotent)."""
     settings = _settings()

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -99,3 +100,106 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WarehousePro
     wh = WarehouseProcess(tmp_path_factory.mktemp("shared") / "warehouse", free_port()).start()
     yield wh
     wh.stop()
+
+
+def migrated_database(wh: WarehouseProcess, name: str) -> str:
+    """Create (or re-create) database `name` on `wh` with every FleetLens table; returns its URL."""
+    from fleetlens.schema import RenderOptions, migrate
+
+    admin = wh.client()
+    admin.command(f"DROP DATABASE IF EXISTS {name}")
+    migrate(admin, RenderOptions(database=name))
+    return f"http://default@127.0.0.1:{wh.port}/{name}"
+
+
+@dataclass
+class CollectorProcess:
+    """A `fleetlens collector` child process with its own ports and spool, writing to `warehouse_url`."""
+
+    warehouse_url: str
+    data_dir: Path
+    grpc_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "collector.log"
+
+    def start(self, timeout_s: float = 30.0) -> "CollectorProcess":
+        import httpx
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "FLEETLENS_WAREHOUSE_URL": self.warehouse_url,
+               "FLEETLENS_DATA_DIR": str(self.data_dir), "FLEETLENS_COLLECTOR__BATCH_TIMEOUT_S": "0.1",
+               **self.env}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "fleetlens", "collector", "--otlp-grpc-port", str(self.grpc_port),
+                 "--otlp-http-port", str(self.http_port), "--log-level", "warning"],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"collector exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.endpoint + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError(f"collector did not start: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        os.killpg(self.process.pid, sig)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait()
+
+    def metrics(self) -> dict[str, float]:
+        """The collector's own /metrics as {sample name with labels: value}."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.endpoint + "/metrics", timeout=5).text
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+        return out
+
+
+@pytest.fixture
+def start_collector(tmp_path: Path) -> Iterator[Callable[..., CollectorProcess]]:
+    """Factory: start collectors under this test's tmp_path; all stopped afterwards."""
+    started: list[CollectorProcess] = []
+
+    def start(warehouse_url: str, data_dir: Path | None = None, **kwargs: object) -> CollectorProcess:
+        collector = CollectorProcess(warehouse_url, data_dir or tmp_path / f"collector{len(started)}", **kwargs)
+        started.append(collector)
+        return collector.start()
+
+    yield start
+    for collector in started:
+        collector.stop()
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float = 30.0, interval_s: float = 0.1) -> object:
+    """Poll until `predicate()` is truthy; returns its value or fails the test with the last one."""
+    deadline = time.monotonic() + timeout_s
+    value = predicate()
+    while not value and time.monotonic() < deadline:
+        time.sleep(interval_s)
+        value = predicate()
+    assert value, f"condition not met within {timeout_s} s"
+    return value
