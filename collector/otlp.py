@@ -23,6 +23,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+# DateTime64(9) ends at 2262-04-11; a later timestamp could never be stored.
+MAX_TIMESTAMP_NS = 9_223_372_036_854_775_807
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 
@@ -148,6 +150,10 @@ def _span_problem(span: object, max_value_bytes: int) -> str:
         return "span_id must be 8 bytes"
     if len(span.parent_span_id) not in (0, 8):  # type: ignore[attr-defined]
         return "parent_span_id must be empty or 8 bytes"
+    if span.start_time_unix_nano > MAX_TIMESTAMP_NS or any(  # type: ignore[attr-defined]
+        event.time_unix_nano > MAX_TIMESTAMP_NS for event in span.events  # type: ignore[attr-defined]
+    ):
+        return "timestamps after 2262-04-11 cannot be stored (DateTime64(9))"
     if max_value_bytes:
         big = _oversized_attribute(span.attributes, max_value_bytes)  # type: ignore[attr-defined]
         if big:

@@ -6,7 +6,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -170,7 +170,7 @@ def status() -> None:
 def up(
     port: Annotated[Optional[int], typer.Option(help="Warehouse HTTP port (default 8123).")] = None,
 ) -> None:
-    """Start the embedded stack in the foreground (warehouse + schema); Ctrl-C stops everything."""
+    """Start the embedded stack in the foreground (warehouse, schema, collector); Ctrl-C stops everything."""
     from .stack import Child, Stack, fleetlens_argv
     from .warehouse.client import WarehouseUnavailable, wait_until_ready
 
@@ -197,12 +197,24 @@ def up(
                     err_console.print(f"[red]{error}; see {child.log_path}[/red]")
                     raise typer.Exit(1) from None
         _migrate(settings)
+        collector = settings.collector
+        with console.status("starting the collector..."):
+            child = stack.add(Child("collector", fleetlens_argv("collector"), logs / "collector.log"),
+                              env=_child_env(settings))
+            if not _wait_http(f"http://{_client_host(collector.host)}:{collector.http_port}/health",
+                              alive=lambda: child.alive):
+                err_console.print(f"[red]the collector did not start; see {child.log_path}[/red]")
+                raise typer.Exit(1)
         summary = Table(title="FleetLens is up")
         summary.add_column("component")
         summary.add_column("url")
         summary.add_column("logs")
         summary.add_row("warehouse", settings.warehouse.redacted(),
                         str(logs / "warehouse.log") if settings.uses_embedded_warehouse else "(external)")
+        host = _client_host(collector.host)
+        grpc = f"grpc://{host}:{collector.grpc_port}, " if collector.grpc_port else ""
+        summary.add_row("collector (OTLP)", f"{grpc}http://{host}:{collector.http_port}/v1/traces",
+                        str(logs / "collector.log"))
         console.print(summary)
         console.print("Press Ctrl-C to stop.")
         if stack.children:
@@ -212,6 +224,32 @@ def up(
         console.print("stopping...")
     finally:
         stack.stop()
+
+
+def _client_host(bind: str) -> str:
+    return "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    """Settings a child process must share with `up` even when they came from flags."""
+    return {"FLEETLENS_WAREHOUSE_SERVER__PORT": str(settings.warehouse_server.port),
+            "FLEETLENS_DATA_DIR": str(settings.data_dir)}
+
+
+def _wait_http(url: str, *, alive: Callable[[], bool], timeout_s: float = 60.0) -> bool:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return False
 
 
 def main() -> None:

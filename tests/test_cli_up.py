@@ -14,13 +14,16 @@ import psutil
 import pytest
 
 from conftest import free_port
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_up_then_signal_leaves_no_process(tmp_path, sig):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
-    env.update({"FLEETLENS_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200"})
+    otlp_port = free_port()
+    env.update({"FLEETLENS_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200",
+                "FLEETLENS_COLLECTOR__HTTP_PORT": str(otlp_port), "FLEETLENS_COLLECTOR__GRPC_PORT": str(free_port())})
     # start_new_session + SIG_IGN for SIGINT mimics a background job of a non-interactive shell
     up = subprocess.Popen([sys.executable, "-m", "fleetlens", "up", "--port", str(port)], cwd=tmp_path, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -36,6 +39,18 @@ def test_up_then_signal_leaves_no_process(tmp_path, sig):
         count = httpx.post(f"http://127.0.0.1:{port}/", content=b"SELECT count() FROM system.tables "
                            b"WHERE database = 'fleetlens' AND name = 'otel_traces'").text
         assert count == "1\n"
+        # the collector takes OTLP and writes it to the warehouse the stack started
+        request = ExportTraceServiceRequest()
+        span = request.resource_spans.add().scope_spans.add().spans.add()
+        span.trace_id, span.span_id, span.name = b"\x01" * 16, b"\x02" * 8, "from-up-test"
+        reply = httpx.post(f"http://127.0.0.1:{otlp_port}/v1/traces", content=request.SerializeToString(),
+                           headers={"content-type": "application/x-protobuf"})
+        assert reply.status_code == 200
+        query = b"SELECT count() FROM fleetlens.otel_traces WHERE SpanName = 'from-up-test'"
+        deadline = time.monotonic() + 30
+        while httpx.post(f"http://127.0.0.1:{port}/", content=query).text != "1\n":
+            assert time.monotonic() < deadline, "span never reached the warehouse"
+            time.sleep(0.2)
         children = psutil.Process(up.pid).children(recursive=True)
         assert children, "up started no child process"
         up.send_signal(sig)
