@@ -126,7 +126,7 @@ def _migrate(settings: Settings) -> None:
 
 @app.command()
 def status() -> None:
-    """What runs where: the warehouse, its tables and their row counts."""
+    """What runs where: the warehouse, its tables and their row counts, the collector's counters."""
     from .schema import TABLES
     from .warehouse.client import WarehouseUnavailable, connect, ping
 
@@ -164,6 +164,42 @@ def status() -> None:
         else:
             tables.add_row(name, "[yellow]missing: run `fleetlens migrate`[/yellow]", "")
     console.print(tables)
+    _print_collector_status(settings)
+
+
+def _print_collector_status(settings: Settings) -> None:
+    """The collector's own counters, read from its /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://{_client_host(settings.collector.host)}:{settings.collector.http_port}"
+    try:
+        text = httpx.get(url + "/metrics", timeout=2.0).text
+    except httpx.HTTPError:
+        console.print(f"collector at {url}: [yellow]not running[/yellow]")
+        return
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("fleetlens_collector_"):
+            for sample in family.samples:
+                if sample.name.endswith(("_created", "_count", "_sum")):
+                    continue
+                key = sample.name.removeprefix("fleetlens_collector_").removesuffix("_total")
+                totals[key] = totals.get(key, 0.0) + sample.value
+    table = Table(title=f"collector {url}")
+    table.add_column("counter")
+    table.add_column("value", justify="right")
+    for key in ("received_spans", "accepted_spans", "rejected_spans", "bad_requests", "refused_requests",
+                "spooled_spans", "replayed_spans", "written_spans", "dropped_spans", "dead_lettered_requests",
+                "write_errors", "queue_bytes", "spool_bytes", "batch_latency_p99_seconds", "warehouse_up",
+                "scrapes_ok", "scrapes_failed"):
+        if key in totals:
+            value = totals[key]
+            shown = f"{value:.3f}" if key.endswith("seconds") else f"{value:,.0f}"
+            if key in ("dropped_spans", "dead_lettered_requests") and value:
+                shown = f"[red]{shown}[/red]"
+            table.add_row(key, shown)
+    console.print(table)
 
 
 @app.command()

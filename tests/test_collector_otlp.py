@@ -167,3 +167,29 @@ def test_partial_success_reports_invalid_spans(collector: CollectorProcess, ware
     rows = wait_for(lambda: _rows(client, "partial-svc"))
     assert [r["SpanName"] for r in rows] == ["good"]
     assert collector.metrics()['fleetlens_collector_rejected_spans_total{protocol="http"}'] == 1
+
+
+def test_status_shows_collector_counters(collector: CollectorProcess) -> None:
+    import os
+    import subprocess
+    import sys
+
+    request_spans = _emit_spans(_http_exporter(collector), "status-svc")
+    assert len(request_spans) == 3
+    wait_for(lambda: collector.metrics().get("fleetlens_collector_written_spans_total") == 3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
+    env.update({"FLEETLENS_WAREHOUSE_URL": collector.warehouse_url,
+                "FLEETLENS_COLLECTOR__HTTP_PORT": str(collector.http_port), "COLUMNS": "200"})
+    out = subprocess.run([sys.executable, "-m", "fleetlens", "status"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = {line.split("│")[1].strip(): line.split("│")[2].strip()
+             for line in out.stdout.splitlines() if line.count("│") == 3}
+    assert lines["accepted_spans"] == "3" and lines["written_spans"] == "3"
+    assert lines["dropped_spans"] == "0" and lines["warehouse_up"] == "1"
+
+
+def _http_exporter(collector: CollectorProcess):
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(endpoint=f"{collector.endpoint}/v1/traces")
