@@ -120,6 +120,7 @@ class Spool:
         self._pending_bytes = 0
         self._closed = False
         self._checkpoint = self._load_checkpoint()
+        self._read_segment = self._checkpoint.segment  # furthest segment the writer has read from
         self._sizes = self._recover()  # segment -> durable size in bytes
         self._write_segment = max(self._sizes) if self._sizes else self._checkpoint.segment
         if not self._sizes:
@@ -343,8 +344,9 @@ class Spool:
             with self._lock:
                 if self._unwritten_bytes() <= self.max_bytes:
                     return
-                # Never the segment being written, nor the one the writer is reading (checkpoint's).
-                candidates = [s for s in sorted(self._sizes) if self._checkpoint.segment < s < self._write_segment]
+                # Never the segment being written, nor any the writer has read (in flight or written).
+                oldest_unread = max(self._checkpoint.segment, self._read_segment)
+                candidates = [s for s in sorted(self._sizes) if oldest_unread < s < self._write_segment]
                 if not candidates:
                     return
                 victim = candidates[0]
@@ -426,6 +428,8 @@ class Spool:
                 reader.close()
         if not records:
             return None
+        with self._lock:
+            self._read_segment = max(self._read_segment, position.segment)
         return Batch(start=start, end=position, records=records, spans=spans)
 
     def _next_readable(self, cursor: Cursor) -> Cursor:
@@ -439,11 +443,13 @@ class Spool:
 
     def commit(self, cursor: Cursor) -> None:
         """Everything before `cursor` is in ClickHouse: move the checkpoint, delete finished segments."""
+        with self._lock:
+            cursor = max(self._checkpoint, cursor)
         tmp = self.path / "checkpoint.json.tmp"
         tmp.write_text(json.dumps({"segment": cursor.segment, "offset": cursor.offset}))
         os.replace(tmp, self.path / "checkpoint.json")
         with self._lock:
-            self._checkpoint = max(self._checkpoint, cursor)
+            self._checkpoint = cursor
             finished = [s for s in self._sizes if s < cursor.segment]
             for segment in finished:
                 del self._sizes[segment]

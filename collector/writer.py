@@ -33,7 +33,7 @@ import orjson
 from fleetlens.config import WarehouseURL
 
 from .mapping import TraceColumns
-from .spool import Batch, Spool
+from .spool import Batch, Cursor, Spool
 
 log = logging.getLogger(__name__)
 
@@ -254,20 +254,29 @@ class Writer:
         cursor = self.spool.checkpoint
         max_inflight = self.workers * 2
         while not self._stop.is_set():
-            if len(inflight) < max_inflight and not any(item.result and item.result.error for item in inflight):
-                batch = self.spool.read_batch(
-                    cursor,
-                    max_spans=self.batch_max_spans,
-                    max_wait_s=self.batch_timeout_s,
-                    first_wait_s=0.02 if inflight else 0.2,
-                )
-                if batch is not None:
-                    inflight.append(_InFlight(batch, self._submit(batch.records, False)))
-                    cursor = batch.end
-                    continue
-            elif inflight:
-                time.sleep(0.005)
-            self._settle(inflight)
+            try:
+                cursor = self._step(inflight, cursor, max_inflight)
+            except Exception:  # noqa: BLE001 - the dispatcher must outlive any one bad moment
+                log.exception("writer dispatcher error; retrying in 1 s")
+                time.sleep(1.0)
+
+    def _step(self, inflight: deque[_InFlight], cursor: Cursor, max_inflight: int) -> Cursor:
+        """One turn: read and hand out a batch if there is room, else settle what finished."""
+        retrying = any(item.result and item.result.error for item in inflight)
+        if len(inflight) < max_inflight and not retrying:
+            batch = self.spool.read_batch(
+                cursor,
+                max_spans=self.batch_max_spans,
+                max_wait_s=self.batch_timeout_s,
+                first_wait_s=0.02 if inflight else 0.2,
+            )
+            if batch is not None:
+                inflight.append(_InFlight(batch, self._submit(batch.records, False)))
+                return batch.end
+        elif inflight:
+            time.sleep(0.005)
+        self._settle(inflight)
+        return cursor
 
     def _settle(self, inflight: deque[_InFlight]) -> None:
         now = time.monotonic()
