@@ -185,6 +185,8 @@ def _print_collector_status(settings: Settings) -> None:
                 if sample.name.endswith(("_created", "_count", "_sum")):
                     continue
                 key = sample.name.removeprefix("fleetlens_collector_").removesuffix("_total")
+                if "outcome" in sample.labels:
+                    key += "_" + sample.labels["outcome"]
                 totals[key] = totals.get(key, 0.0) + sample.value
     table = Table(title=f"collector {url}")
     table.add_column("counter")
@@ -192,11 +194,11 @@ def _print_collector_status(settings: Settings) -> None:
     for key in ("received_spans", "accepted_spans", "rejected_spans", "bad_requests", "refused_requests",
                 "spooled_spans", "replayed_spans", "written_spans", "dropped_spans", "dead_lettered_requests",
                 "write_errors", "queue_bytes", "spool_bytes", "batch_latency_p99_seconds", "warehouse_up",
-                "scrapes_ok", "scrapes_failed"):
+                "scrapes_ok", "scrapes_failed", "scrape_rows_written", "scrape_rows_dropped"):
         if key in totals:
             value = totals[key]
             shown = f"{value:.3f}" if key.endswith("seconds") else f"{value:,.0f}"
-            if key in ("dropped_spans", "dead_lettered_requests") and value:
+            if key in ("dropped_spans", "dead_lettered_requests", "scrape_rows_dropped") and value:
                 shown = f"[red]{shown}[/red]"
             table.add_row(key, shown)
     console.print(table)

@@ -341,3 +341,31 @@ def test_build_scraper_uses_the_collector_settings():
     assert isinstance(scraper.writer, WarehouseWriter) and scraper.writer.max_buffered_rows == 123
     assert scraper.writer.url.database == "db" and scraper.writer.stats is scraper.stats
     assert list(COLUMNS) == ["ts", "replica", "model", "metric", "metric_type", "labels", "value"]
+
+
+# --- inside the collector process ----------------------------------------------------------------
+
+def test_collector_process_scrapes_its_configured_replicas(replica, warehouse, start_collector):
+    import json
+
+    from conftest import migrated_database, wait_for
+
+    url = migrated_database(warehouse, "scrape_in_collector")
+    targets = [{"replica": "live-0", "url": replica, "model": "tiny-llama"},
+               {"replica": "dead-0", "url": f"http://127.0.0.1:{free_port()}", "model": "tiny-llama"}]
+    collector = start_collector(url, env={"FLEETLENS_COLLECTOR__SCRAPE_TARGETS": json.dumps(targets),
+                                          "FLEETLENS_COLLECTOR__SCRAPE_INTERVAL_S": "0.5",
+                                          "FLEETLENS_COLLECTOR__SCRAPE_TIMEOUT_S": "1"})
+    client = warehouse.client(database="scrape_in_collector")
+
+    def up_by_replica() -> dict[str, float]:
+        rows = client.query("SELECT replica, max(value) FROM fleet_metrics WHERE metric = 'up' GROUP BY replica")
+        return dict(rows.result_rows)
+
+    assert wait_for(lambda: len(up_by_replica()) == 2 and up_by_replica()) == {"live-0": 1.0, "dead-0": 0.0}
+    running = client.query("SELECT count() FROM fleet_metrics WHERE replica = 'live-0' "
+                           "AND metric = 'vllm:num_requests_running'").result_rows[0][0]
+    assert running >= 1
+    metrics = collector.metrics()
+    assert metrics['fleetlens_collector_scrapes_total{outcome="ok"}'] >= 1
+    assert metrics['fleetlens_collector_scrapes_total{outcome="failed"}'] >= 1
