@@ -17,6 +17,8 @@ The retryable answers carry a delay; a sender that honours it loses nothing.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -68,6 +70,7 @@ class Intake:
         self._process = psutil.Process()
         self._rss = 0
         self._rss_checked = 0.0
+        self._trimmed = 0.0
 
     def refusal(self, incoming_bytes: int = 0) -> Refusal | None:
         """Why a new request must be turned away right now, if it must."""
@@ -76,7 +79,7 @@ class Intake:
         if self.in_flight >= self.max_concurrent_requests:
             return Refusal(429, grpc.StatusCode.RESOURCE_EXHAUSTED, 1.0, "concurrency",
                            f"{self.in_flight} requests are being handled already")
-        if self.rss() > self.memory_limit_bytes:
+        if self.over_memory_limit():
             return Refusal(503, grpc.StatusCode.UNAVAILABLE, 2.0, "memory_limit",
                            "collector is over its memory limit")
         try:
@@ -85,10 +88,28 @@ class Intake:
             return _spool_refusal(error)
         return None
 
-    def rss(self) -> int:
+    def over_memory_limit(self) -> bool:
+        """The memory limiter (as the OpenTelemetry Collector's): refuse while RSS is over the limit
+        and there is work in progress whose completion will shed memory. An idle collector over
+        the limit first gives memory back (gc, malloc_trim) and then admits: refusing could not
+        make it smaller, and would turn a freed-but-unreturned heap into an outage."""
+        if self.rss() <= self.memory_limit_bytes:
+            return False
+        if self.in_flight or self.spool.pending_bytes:
+            return True
         now = time.monotonic()
-        if now - self._rss_checked > 0.1:
-            self._rss = self._process.memory_info().rss
+        if now - self._trimmed > 2.0:
+            self._trimmed = now
+            release_memory()
+            self._rss_checked = 0.0
+        return False
+
+    def rss(self) -> int:
+        """Resident memory minus file-backed pages (mapped libraries are not ours to shed)."""
+        now = time.monotonic()
+        if now - self._rss_checked > 0.05:
+            info = self._process.memory_info()
+            self._rss = info.rss - getattr(info, "shared", 0)
             self._rss_checked = now
         return self._rss
 
@@ -103,6 +124,15 @@ class Intake:
         self.stats.accepted_spans[protocol] += screened.accepted
         self.stats.rejected_spans[protocol] += screened.rejected
         return screened
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _spool_refusal(error: SpoolError) -> Refusal:

@@ -19,7 +19,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from fleetlens.config import Settings
-from fleetlens.warehouse.server.runner import is_loopback
+from fleetlens.net import is_loopback
 
 from .receivers import GrpcReceiver, HttpReceiver, Intake, start_grpc
 from .spool import Spool

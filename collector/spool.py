@@ -350,9 +350,8 @@ class Spool:
                 if not candidates:
                     return
                 victim = candidates[0]
+                del self._sizes[victim]  # in the same locked step: no reader can start on it now
             spans = self._count_spans(victim)
-            with self._lock:
-                self._sizes.pop(victim, None)
             self._segment_path(victim).unlink(missing_ok=True)
             self.stats.dropped_spans += spans
             log.error("spool over its %d-byte bound: dropped segment %d (%d spans)", self.max_bytes, victim, spans)
@@ -404,6 +403,7 @@ class Spool:
                             break
                         self._data_ready.wait(min(remaining, 0.05))
                         continue
+                    self._read_segment = max(self._read_segment, position.segment)
                 if reader is None or reader.segment != position.segment:
                     if reader is not None:
                         reader.close()
@@ -428,8 +428,6 @@ class Spool:
                 reader.close()
         if not records:
             return None
-        with self._lock:
-            self._read_segment = max(self._read_segment, position.segment)
         return Batch(start=start, end=position, records=records, spans=spans)
 
     def _next_readable(self, cursor: Cursor) -> Cursor:

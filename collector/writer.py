@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import threading
 import time
 from collections import deque
@@ -81,6 +82,12 @@ _url: WarehouseURL | None = None
 def _init_worker(url: WarehouseURL, parent_pid: int) -> None:
     global _url
     _url = url
+    # Ctrl-C / SIGTERM to the process group is for the collector, which drains and then stops the
+    # pool; a worker dying first would only turn its in-flight batch into a retry.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # clickhouse-connect logs every failed request at ERROR; the dispatcher reports them once, classified.
+    logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
 
 

@@ -127,7 +127,8 @@ class CollectorSettings(BaseModel):
         64 * 1024**2, gt=0, description="Requests waiting for the spool's fsync; above it senders get 429."
     )
     memory_limit_bytes: int = Field(
-        1024**3, gt=0, description="Above this RSS new data is refused with a retryable answer (memory limiter)."
+        1024**3, gt=0,
+        description="Above this resident memory (file-backed pages excluded) new data gets a retryable refusal.",
     )
     spool_dir: Path | None = Field(None, description="Write-ahead spool directory; default <data_dir>/spool.")
     spool_max_bytes: int = Field(2 * 1024**3, gt=0, description="Bound on the spool's size on disk.")

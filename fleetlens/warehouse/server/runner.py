@@ -8,10 +8,8 @@ INSERT answered 200 has its parts written by the engine before the answer, so it
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
-import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
@@ -19,6 +17,7 @@ from typing import AsyncIterator
 import uvicorn
 
 from ...config import WarehouseServerSettings
+from ...net import is_loopback
 from .app import WarehouseApp
 from .engine import Engine
 
@@ -27,18 +26,6 @@ log = logging.getLogger("fleetlens.warehouse")
 
 class BindPolicyError(ValueError):
     """Binding a non-loopback address without a password is refused."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
-        except OSError:
-            return False
 
 
 def check_bind_policy(config: WarehouseServerSettings) -> None:
