@@ -46,20 +46,26 @@ class Screened:
 
 
 def gunzip(body: bytes, limit: int) -> bytes:
-    """Decompress a gzip body, stopping as soon as it would exceed `limit` (gzip bombs)."""
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, limit + 1)
-        if len(out) > limit or inflater.unconsumed_tail:
+    """Decompress a gzip body — every member, as Go's reader does — stopping as soon as the output
+    would exceed `limit` (gzip bombs). Anything after the last member but zero padding is an error."""
+    out = bytearray()
+    rest = body
+    while True:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            out += inflater.decompress(rest, limit + 1 - len(out))
+            if len(out) > limit or inflater.unconsumed_tail:
+                raise TooLarge(f"request is over {limit} bytes once decompressed")
+            out += inflater.flush()
+        except zlib.error as error:
+            raise BadRequest(f"body is not valid gzip: {error}") from None
+        if len(out) > limit:
             raise TooLarge(f"request is over {limit} bytes once decompressed")
-        out += inflater.flush()
-    except zlib.error as error:
-        raise BadRequest(f"body is not valid gzip: {error}") from None
-    if len(out) > limit:
-        raise TooLarge(f"request is over {limit} bytes once decompressed")
-    if not inflater.eof:
-        raise BadRequest("gzip body is truncated")
-    return out
+        if not inflater.eof:
+            raise BadRequest("gzip body is truncated")
+        rest = inflater.unused_data
+        if not rest.strip(b"\0"):
+            return bytes(out)
 
 
 def decode_protobuf(body: bytes) -> ExportTraceServiceRequest:
@@ -91,15 +97,18 @@ def _hex_ids_to_base64(obj: object) -> None:
 def decode_json(body: bytes) -> ExportTraceServiceRequest:
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadRequest(f"body is not valid JSON: {error}") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, huge ints, deep nesting
+        raise BadRequest(f"body is not valid JSON: {str(error)[:200]}") from None
     if not isinstance(document, dict):
         raise BadRequest("OTLP/JSON body must be an object with resourceSpans")
-    _hex_ids_to_base64(document)
+    try:
+        _hex_ids_to_base64(document)
+    except RecursionError:
+        raise BadRequest("OTLP/JSON body is nested too deeply") from None
     request = ExportTraceServiceRequest()
     try:
         json_format.ParseDict(document, request, ignore_unknown_fields=True)
-    except (json_format.ParseError, binascii.Error, ValueError, TypeError) as error:
+    except (json_format.ParseError, binascii.Error, ValueError, TypeError, RecursionError) as error:
         raise BadRequest(f"body is not a valid OTLP/JSON trace request: {error}") from None
     return request
 

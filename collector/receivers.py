@@ -105,11 +105,10 @@ class Intake:
         return False
 
     def rss(self) -> int:
-        """Resident memory minus file-backed pages (mapped libraries are not ours to shed)."""
+        """Resident set size of this process, measured at most every 50 ms."""
         now = time.monotonic()
         if now - self._rss_checked > 0.05:
-            info = self._process.memory_info()
-            self._rss = info.rss - getattr(info, "shared", 0)
+            self._rss = self._process.memory_info().rss
             self._rss_checked = now
         return self._rss
 

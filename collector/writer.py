@@ -133,7 +133,9 @@ def _insert(records: list[bytes]) -> int:
     for payload in records:
         map_request(ExportTraceServiceRequest.FromString(payload), into=columns)
     if len(columns):
-        _get_client().raw_insert("otel_traces", list(COLUMNS), json_columns(columns), fmt="JSONColumns")
+        # A batch may span many days (a backfill, replay after an outage): one part per day is fine.
+        _get_client().raw_insert("otel_traces", list(COLUMNS), json_columns(columns), fmt="JSONColumns",
+                                 settings={"max_partitions_per_insert_block": 0})
     return len(columns)
 
 

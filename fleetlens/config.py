@@ -128,7 +128,7 @@ class CollectorSettings(BaseModel):
     )
     memory_limit_bytes: int = Field(
         1024**3, gt=0,
-        description="Above this resident memory (file-backed pages excluded) new data gets a retryable refusal.",
+        description="Above this resident set size (RSS) new data gets a retryable refusal (memory limiter).",
     )
     spool_dir: Path | None = Field(None, description="Write-ahead spool directory; default <data_dir>/spool.")
     spool_max_bytes: int = Field(2 * 1024**3, gt=0, description="Bound on the spool's size on disk.")

@@ -62,5 +62,11 @@ def test_up_then_signal_leaves_no_process(tmp_path, sig):
         gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, alive
     finally:
+        leftovers = psutil.Process(up.pid).children(recursive=True) if up.poll() is None else []
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
+        for child in leftovers:  # each child runs in its own session: a failed test must not leave them
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass

@@ -173,3 +173,24 @@ def test_second_process_on_same_path_fails_clearly(limited):
                              "--port", "1"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "cannot open the warehouse" in (result.stderr + result.stdout)
+
+
+def test_insert_failing_at_commit_is_an_error_not_a_silent_loss(limited):
+    """chDB's streaming insert swallows errors raised when rows are committed (it returns as if all
+    rows were written); the server must still answer with the engine's error."""
+    data = "".join(f"2020-{1 + i // 28:02d}-{1 + i % 28:02d}\t{i}\n" for i in range(101)).encode()  # 101 days
+    post(limited, b"CREATE TABLE IF NOT EXISTS by_day (d Date, x UInt32) ENGINE = MergeTree PARTITION BY d ORDER BY x")
+    post(limited, b"CREATE TABLE IF NOT EXISTS checked (x UInt32, CONSTRAINT positive CHECK x > 5) "
+                  b"ENGINE = MergeTree ORDER BY x")
+    too_many = post(limited, data, params={"query": "INSERT INTO by_day FORMAT TSV"})
+    assert_clickhouse_error(too_many, 500, "TOO_MANY_PARTS")
+    violated = post(limited, b"1\n2\n", params={"query": "INSERT INTO checked FORMAT TSV"})
+    assert_clickhouse_error(violated, 500, "VIOLATED_CONSTRAINT")
+    assert post(limited, b"SELECT count() FROM by_day").text == "0\n"
+    assert post(limited, b"SELECT count() FROM checked").text == "0\n"
+    # the same data with the limit lifted is written, and the answer says so
+    ok = post(limited, data, params={"query": "INSERT INTO by_day FORMAT TSV",
+                                     "max_partitions_per_insert_block": "0"})
+    assert ok.status_code == 200, ok.text
+    assert post(limited, b"SELECT count() FROM by_day").text == "101\n"
+    assert_alive(limited)

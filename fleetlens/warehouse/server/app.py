@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -269,7 +270,9 @@ class WarehouseApp:
             lease = self.engine.connection(ctx)
             conn = await to_thread.run_sync(lease.__enter__)
             try:
-                inserter = await to_thread.run_sync(_start_insert, conn, split)
+                marker = f"fleetlens-insert:{uuid.uuid4().hex}"
+                inserter = await to_thread.run_sync(_start_insert, conn, split, marker)
+                query_id = await to_thread.run_sync(self.engine.streaming_insert_query_id, marker)
                 try:
                     pending = head
                     while True:
@@ -279,6 +282,9 @@ class WarehouseApp:
                         if body.eof:
                             break
                     result = await to_thread.run_sync(_finish, inserter)
+                    failure = query_id and await to_thread.run_sync(self.engine.streaming_insert_error, query_id)
+                    if failure:
+                        raise failure
                 except BaseException:
                     await to_thread.run_sync(_cancel, inserter)
                     raise
@@ -407,8 +413,8 @@ def _engine_call(fn: Callable[..., Any], *args: Any) -> Any:
         raise ClickHouseError.from_engine(error) from None
 
 
-def _start_insert(conn: Any, split: sql.InsertSplit) -> Any:
-    return _engine_call(conn.send_insert, split.statement, split.input_format)
+def _start_insert(conn: Any, split: sql.InsertSplit, marker: str) -> Any:
+    return _engine_call(conn.send_insert, f"{split.statement} /* {marker} */", split.input_format)
 
 
 def _append(inserter: Any, body: BodyReader, head: bytes, raw: bytes) -> None:

@@ -18,6 +18,7 @@ not torn down and rebuilt between requests.
 from __future__ import annotations
 
 import logging
+import json
 import threading
 import time
 import uuid
@@ -79,6 +80,37 @@ class Engine:
         registry.load([(n, int(c)) for n, c in (line.split("\t") for line in pairs.splitlines())], self.version)
         names = self._anchor.query("SELECT name FROM system.settings", "TSV").bytes().decode()
         self.known_settings = frozenset(names.split())
+
+    # -- streaming inserts -----------------------------------------------------------------
+    # chDB's streaming insert reports errors raised while parsing data, but not those raised when
+    # the rows are committed (too many partitions, a CHECK constraint, ...): finish() returns as if
+    # all rows were written while none are. The engine still records such an error in
+    # system.errors with the query id, so the server tags each streaming INSERT with a marker,
+    # learns its query id from system.processes while it runs, and looks it up after finish().
+
+    def streaming_insert_query_id(self, marker: str) -> str | None:
+        """The query id of the running INSERT whose text carries `marker`."""
+        found = self._lookup(
+            "SELECT query_id FROM system.processes WHERE position(query, {m:String}) > 0 "
+            "AND position(query, 'system.processes') = 0 LIMIT 1",
+            marker,
+        )
+        return found[0][0] if found else None
+
+    def streaming_insert_error(self, query_id: str) -> ClickHouseError | None:
+        """The commit error the engine recorded for `query_id`, if any."""
+        found = self._lookup(
+            "SELECT code, last_error_message FROM system.errors WHERE query_id = {m:String} LIMIT 1", query_id
+        )
+        return ClickHouseError(int(found[0][0]), found[0][1]) if found else None
+
+    def _lookup(self, sql: str, value: str) -> list[list[str]]:
+        conn = chdb.connect(str(self.path))
+        try:
+            text = conn.query(sql, "JSONCompact", params={"m": value}).bytes()
+        finally:
+            conn.close()
+        return json.loads(text)["data"] if text else []
 
     def _scalar(self, sql: str) -> str:
         return self._anchor.query(sql, "TSV").bytes().decode().strip()
