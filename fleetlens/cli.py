@@ -296,3 +296,6 @@ def main() -> None:
     except ConfigError as error:
         err_console.print(f"[red]{error}[/red]")
         sys.exit(2)
+
+from .collector.synth.cli import synth_command  # noqa: E402
+app.command("synth")(synth_command)
