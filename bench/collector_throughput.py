@@ -61,7 +61,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -91,6 +90,7 @@ from rich.table import Table
 from fleetlens import semconv as sc
 from fleetlens.config import WarehouseURL
 from fleetlens.warehouse.client import WarehouseUnavailable, wait_until_ready
+from fleetlens.net import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PHOENIX_VENV = REPO / ".venv-phoenix"
@@ -294,12 +294,6 @@ def marker_message(span_id: bytes) -> bytes:
 
 
 # ====================================================================== processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Child:
     """A child process in its own session (process group), stopped with its whole group."""

@@ -18,3 +18,10 @@ def is_loopback(host: str) -> bool:
             return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
         except OSError:
             return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (for tests, benches and local tools)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,21 @@ import pytest
 
 from fleetlens.config import WarehouseURL
 from fleetlens.warehouse.client import WarehouseUnavailable, wait_until_ready
+from fleetlens.net import free_port  # noqa: F401 - tests import it from here
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def stop_group(process: subprocess.Popen[bytes] | None, sig: int, timeout_s: float) -> int | None:
+    """Signal a child's whole process group; SIGKILL it if it outlives `timeout_s`."""
+    if process is None or process.poll() is not None:
+        return process.returncode if process else None
+    os.killpg(process.pid, sig)
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()
 
 
 @dataclass
@@ -61,14 +67,7 @@ class WarehouseProcess:
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        os.killpg(self.process.pid, sig)
-        try:
-            return self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait()
+        return stop_group(self.process, sig, timeout_s)
 
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)
@@ -156,14 +155,7 @@ class CollectorProcess:
         raise RuntimeError(f"collector did not start: {self.log_path.read_text()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        os.killpg(self.process.pid, sig)
-        try:
-            return self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait()
+        return stop_group(self.process, sig, timeout_s)
 
     def metrics(self) -> dict[str, float]:
         """The collector's own /metrics as {sample name with labels: value}."""
