@@ -424,10 +424,11 @@ def test_memory_limiter_refuses_retryably_and_bounds_rss(idle_rss: int, warehous
         "FLEETLENS_COLLECTOR__MAX_CONCURRENT_REQUESTS": str(max_concurrent),
         "FLEETLENS_COLLECTOR__MAX_REQUEST_BYTES": str(max_request),
     })
-    payloads = build_requests(60, 200, padding_bytes=2000)
-    http = OtlpSender(payloads[:40], protocol="http", target=collector.endpoint, concurrency=6,
+    # more requests than the test needs: both senders must still be sending once RSS is over the limit
+    payloads = build_requests(240, 200, padding_bytes=2000)
+    http = OtlpSender(payloads[:160], protocol="http", target=collector.endpoint, concurrency=6,
                       retry_after_cap_s=1.0)
-    grpc_ = OtlpSender(payloads[40:], protocol="grpc", target=f"127.0.0.1:{collector.grpc_port}",
+    grpc_ = OtlpSender(payloads[160:], protocol="grpc", target=f"127.0.0.1:{collector.grpc_port}",
                        concurrency=2, retry_after_cap_s=1.0)
     sampler = RssSampler(collector.process.pid).start()
     http.start(), grpc_.start()
