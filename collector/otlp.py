@@ -159,8 +159,9 @@ def _span_problem(span: object, max_value_bytes: int) -> str:
         return "span_id must be 8 bytes"
     if len(span.parent_span_id) not in (0, 8):  # type: ignore[attr-defined]
         return "parent_span_id must be empty or 8 bytes"
-    if span.start_time_unix_nano > MAX_TIMESTAMP_NS or any(  # type: ignore[attr-defined]
-        event.time_unix_nano > MAX_TIMESTAMP_NS for event in span.events  # type: ignore[attr-defined]
+    events = span.events  # type: ignore[attr-defined]
+    if span.start_time_unix_nano > MAX_TIMESTAMP_NS or (  # type: ignore[attr-defined]
+        events and any(event.time_unix_nano > MAX_TIMESTAMP_NS for event in events)
     ):
         return "timestamps after 2262-04-11 cannot be stored (DateTime64(9))"
     if max_value_bytes:

@@ -33,7 +33,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -74,12 +74,16 @@ class Cursor:
 
 @dataclass
 class Batch:
-    """Consecutive records read from the spool; `end` is where the next batch starts."""
+    """Consecutive records of the spool; `end` is where the next batch starts. `ranges` locate
+    them on disk as (segment, start offset, end offset); `records` holds the payloads when they
+    were asked for (the writer's workers read them from `ranges` themselves, so the collector
+    process never holds a batch in memory)."""
 
     start: Cursor
     end: Cursor
     records: list[bytes]
     spans: int
+    ranges: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -376,10 +380,14 @@ class Spool:
         return spans
 
     # ------------------------------------------------------------------ reads
-    def read_batch(self, cursor: Cursor, *, max_spans: int, max_wait_s: float, first_wait_s: float) -> Batch | None:
+    def read_batch(self, cursor: Cursor, *, max_spans: int, max_wait_s: float, first_wait_s: float,
+                   payloads: bool = True) -> Batch | None:
         """Records from `cursor` on: up to `max_spans`, waiting at most `max_wait_s` after the first
-        record for more to arrive, and at most `first_wait_s` for the first. None if nothing came."""
+        record for more to arrive, and at most `first_wait_s` for the first. None if nothing came.
+        With `payloads=False` only headers are read (the payloads stay on disk, see `read_records`)."""
         records: list[bytes] = []
+        ranges: list[tuple[int, int, int]] = []
+        count = 0
         spans = 0
         position = self._next_readable(cursor)
         start = position
@@ -408,17 +416,24 @@ class Spool:
                     if reader is not None:
                         reader.close()
                     reader = _SegmentReader(self._segment_path(position.segment), position.segment)
-                record = reader.read_at(position.offset, limit)
+                record = reader.read_at(position.offset, limit, payload=payloads)
                 if record is None:  # corrupt: count, skip the rest of this segment
                     self.stats.corrupt_records += 1
                     log.error("spool: corrupt record at segment %d offset %d; skipping the segment's rest",
                               position.segment, position.offset)
                     position = Cursor(position.segment, limit)
                     continue
-                payload, count = record
-                records.append(payload)
-                spans += count
-                position = Cursor(position.segment, position.offset + HEADER.size + len(payload))
+                payload, length, record_spans = record
+                if payloads:
+                    records.append(payload)
+                count += 1
+                spans += record_spans
+                end = position.offset + HEADER.size + length
+                if ranges and ranges[-1][0] == position.segment and ranges[-1][2] == position.offset:
+                    ranges[-1] = (position.segment, ranges[-1][1], end)
+                else:
+                    ranges.append((position.segment, position.offset, end))
+                position = Cursor(position.segment, end)
                 if deadline is None:
                     deadline = time.monotonic() + max_wait_s
                 if time.monotonic() >= deadline:
@@ -426,9 +441,9 @@ class Spool:
         finally:
             if reader is not None:
                 reader.close()
-        if not records:
+        if not count:
             return None
-        return Batch(start=start, end=position, records=records, spans=spans)
+        return Batch(start=start, end=position, records=records, spans=spans, ranges=ranges)
 
     def _next_readable(self, cursor: Cursor) -> Cursor:
         with self._lock:
@@ -496,7 +511,9 @@ class _SegmentReader:
         self.segment = segment
         self._fh = open(path, "rb")  # noqa: SIM115 - closed by the caller
 
-    def read_at(self, offset: int, limit: int) -> tuple[bytes, int] | None:
+    def read_at(self, offset: int, limit: int, payload: bool = True) -> tuple[bytes, int, int] | None:
+        """(payload, payload length, span count) of the record at `offset`, None if it is not
+        intact. Without `payload` only the header is checked and the payload is skipped."""
         if self._fh.tell() != offset:
             self._fh.seek(offset)
         header = self._fh.read(HEADER.size)
@@ -505,10 +522,36 @@ class _SegmentReader:
         magic, version, _flags, length, spans, crc = HEADER.unpack(header)
         if magic != MAGIC or version != VERSION or offset + HEADER.size + length > limit:
             return None
-        payload = self._fh.read(length)
-        if len(payload) < length or zlib.crc32(payload) != crc:
+        if not payload:
+            self._fh.seek(length, os.SEEK_CUR)
+            return b"", length, spans
+        data = self._fh.read(length)
+        if len(data) < length or zlib.crc32(data) != crc:
             return None
-        return payload, spans
+        return data, length, spans
 
     def close(self) -> None:
         self._fh.close()
+
+
+def read_records(path: Path, ranges: list[tuple[int, int, int]]) -> list[bytes | None]:
+    """The payloads in `ranges` of the spool at `path`, in order; None for a record that fails
+    its CRC (the caller keeps it aside). Used by the writer's worker processes."""
+    out: list[bytes | None] = []
+    segments = Path(path) / "segments"
+    for segment, start, end in ranges:
+        reader = _SegmentReader(segments / f"{segment:016d}{SEGMENT_SUFFIX}", segment)
+        try:
+            offset = start
+            while offset < end:
+                header = reader.read_at(offset, end, payload=False)
+                if header is None:
+                    out.append(None)
+                    break
+                _, length, _ = header
+                record = reader.read_at(offset, end)
+                out.append(record[0] if record else None)
+                offset += HEADER.size + length
+        finally:
+            reader.close()
+    return out

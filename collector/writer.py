@@ -28,13 +28,14 @@ from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
 from fleetlens.config import WarehouseURL
 
 from .mapping import TraceColumns
-from .spool import Batch, Cursor, Spool
+from .spool import Batch, Cursor, Spool, read_records
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class WriteResult:
     spans: int = 0
     error: str | None = None
     transient: bool = True
-    failed_records: list[tuple[int, str]] = field(default_factory=list)  # (index, reason) when isolating
+    failed_records: list[tuple[bytes, str]] = field(default_factory=list)  # (request, reason): dead letters
 
 
 # ----------------------------------------------------------------- worker side
@@ -156,23 +157,35 @@ def _decimal_seconds(ns: int) -> str:
     return f"{ns // 1_000_000_000:010d}.{ns % 1_000_000_000:09d}"
 
 
-def write_batch(records: list[bytes], isolate: bool = False) -> WriteResult:
-    """Map and insert one batch; with `isolate`, one request at a time, reporting which failed."""
+def write_batch(spool_path: Path, ranges: list[tuple[int, int, int]], isolate: bool = False) -> WriteResult:
+    """Read one batch from the spool, map and insert it. With `isolate`, one request at a time,
+    reporting the ones the warehouse refused (with their bytes, for the dead-letter folder)."""
+    try:
+        payloads = read_records(spool_path, ranges)
+    except OSError as error:
+        return WriteResult(error=f"cannot read the spool: {error}", transient=True)
+    result = WriteResult()
+    records: list[bytes] = []
+    for payload in payloads:
+        if payload is None:  # failed its CRC after it was acknowledged: keep it aside, never guess
+            result.failed_records.append((b"", "spool record failed its CRC check"))
+        else:
+            records.append(payload)
     if not isolate:
         try:
-            return WriteResult(spans=_insert(records))
+            result.spans = _insert(records)
+            return result
         except Exception as error:  # noqa: BLE001 - every failure is reported, classified
             text, transient = _classify(error)
             return WriteResult(error=text, transient=transient)
-    result = WriteResult()
-    for index, payload in enumerate(records):
+    for payload in records:
         try:
             result.spans += _insert([payload])
         except Exception as error:  # noqa: BLE001
             text, transient = _classify(error)
             if transient:
                 return WriteResult(error=text, transient=True)
-            result.failed_records.append((index, text))
+            result.failed_records.append((payload, text))
     return result
 
 
@@ -248,15 +261,15 @@ class Writer:
             initargs=(self.warehouse_url, os.getpid()),
         )
 
-    def _submit(self, records: list[bytes], isolate: bool) -> Future[WriteResult]:
+    def _submit(self, batch: Batch, isolate: bool) -> Future[WriteResult]:
         assert self._pool is not None
         try:
-            return self._pool.submit(write_batch, records, isolate)
+            return self._pool.submit(write_batch, self.spool.path, batch.ranges, isolate)
         except (BrokenProcessPool, RuntimeError):
             log.error("writer process pool broke; starting a new one")
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
-            return self._pool.submit(write_batch, records, isolate)
+            return self._pool.submit(write_batch, self.spool.path, batch.ranges, isolate)
 
     def _run(self) -> None:
         inflight: deque[_InFlight] = deque()
@@ -278,9 +291,10 @@ class Writer:
                 max_spans=self.batch_max_spans,
                 max_wait_s=self.batch_timeout_s,
                 first_wait_s=0.02 if inflight else 0.2,
+                payloads=False,  # the worker reads them from disk: batches never sit in this process
             )
             if batch is not None:
-                inflight.append(_InFlight(batch, self._submit(batch.records, False)))
+                inflight.append(_InFlight(batch, self._submit(batch, False)))
                 return batch.end
         elif inflight:
             time.sleep(0.005)
@@ -297,7 +311,7 @@ class Writer:
             elif item.result is not None and item.result.error and now >= item.retry_at:
                 item.result = None
                 item.attempts += 1
-                item.future = self._submit(item.batch.records, item.isolate)
+                item.future = self._submit(item.batch, item.isolate)
         committed = None
         while inflight and inflight[0].result is not None and not inflight[0].result.error:
             done = inflight.popleft()
@@ -313,8 +327,8 @@ class Writer:
         except Exception as error:  # noqa: BLE001 - pickling problems and the like: retry
             return WriteResult(error=f"{type(error).__name__}: {error}", transient=True)
         if result.error is None:
-            for index, reason in result.failed_records:
-                path = self.spool.dead_letter(item.batch.records[index], reason)
+            for payload, reason in result.failed_records:
+                path = self.spool.dead_letter(payload, reason)
                 self.stats.dead_lettered_records += 1
                 log.error("warehouse refused a request as invalid; kept in %s: %s", path, reason[:300])
             elapsed = time.monotonic() - item.started
