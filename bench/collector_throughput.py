@@ -229,7 +229,7 @@ def builtin_trace(rng: random.Random, now_ns: int) -> tuple[list[Span], str, Spa
         attrs = {sc.STAGE: stage, **common, "code.function": f"gateway.{stage}",
                  "fleetlens.gateway.instance": f"gw-{rng.randrange(3)}"}
         if stage == "route":
-            attrs |= {sc.ROUTE_POLICY: "default", sc.ROUTE_VARIANT: "baseline", sc.REQUEST_MODEL: model}
+            attrs |= {sc.ROUTE: "default", sc.ROUTE_VARIANT: "baseline", sc.REQUEST_MODEL: model}
         elif stage == "retrieval":
             attrs |= {sc.RETRIEVAL_DOCUMENTS: rng.randrange(1, 12), "db.system": "qdrant"}
         elif stage == "auth":
@@ -237,7 +237,7 @@ def builtin_trace(rng: random.Random, now_ns: int) -> tuple[list[Span], str, Spa
         spans.append(_span(rng.randbytes(8), trace_id, root_id, stage, Span.SPAN_KIND_INTERNAL, cursor, dur,
                            attrs))
         cursor += dur
-    genai = {sc.OPERATION_NAME: "chat", sc.SYSTEM: "vllm", sc.REQUEST_MODEL: model, sc.RESPONSE_MODEL: model,
+    genai = {sc.OPERATION_NAME: "chat", sc.PROVIDER_NAME: "vllm", sc.REQUEST_MODEL: model, sc.RESPONSE_MODEL: model,
              sc.REQUEST_MAX_TOKENS: 1024, sc.USAGE_INPUT_TOKENS: prompt, sc.USAGE_OUTPUT_TOKENS: output,
              sc.RESPONSE_FINISH_REASONS: ["stop"], sc.HTTP_STATUS_CODE: 200}
     upstream = {**genai, sc.REPLICA: replica, sc.ATTEMPT: 1, sc.SERVER_ADDRESS: f"{replica}.vllm",
@@ -255,7 +255,7 @@ def builtin_trace(rng: random.Random, now_ns: int) -> tuple[list[Span], str, Spa
                     sc.VLLM_TIME_IN_MODEL_DECODE: decode_s,
                     sc.VLLM_TIME_IN_MODEL_INFERENCE: prefill_s + decode_s})
     root = _span(root_id, trace_id, b"", sc.ROOT_SPAN, Span.SPAN_KIND_SERVER, start, cursor + 100_000 - start,
-                 {**genai, **common, sc.API_KEY_ID: f"key-{customer}-0", sc.ROUTE_POLICY: "default",
+                 {**genai, **common, sc.API_KEY_ID: f"key-{customer}-0", sc.ROUTE: "default",
                   sc.ROUTE_VARIANT: "baseline", sc.STREAM: rng.random() < 0.6})
     return [root, *spans, chat], replica, llm
 

@@ -34,8 +34,9 @@ VLLM_SPAN = "llm_request"
 CUSTOMER = "fleetlens.customer"
 FEATURE = "fleetlens.feature"
 API_KEY_ID = "fleetlens.api_key_id"  # the key's id, never the key
-ROUTE_POLICY = "fleetlens.route.policy"  # route span and root: which rule chose the model
+ROUTE = "fleetlens.route"  # route span and root: which rule chose the model ("default", "cascade", ...)
 ROUTE_VARIANT = "fleetlens.route.variant"  # "baseline" / "canary"
+MODEL_VARIANT = "fleetlens.model_variant"  # upstream span: precision/quantization variant ("bf16", "int8", ...)
 STAGE = "fleetlens.stage"  # on every stage span: its stage name
 REPLICA = "fleetlens.replica"  # upstream span: the replica that served the attempt
 ATTEMPT = "fleetlens.attempt"  # upstream span: 1, 2, ... for retries and fallbacks
@@ -44,13 +45,14 @@ RETRIEVAL_DOCUMENTS = "fleetlens.retrieval.documents"  # retrieval span: documen
 
 # GenAI semantic conventions (root and upstream spans)
 OPERATION_NAME = "gen_ai.operation.name"  # "chat"
-SYSTEM = "gen_ai.system"  # "vllm"
+PROVIDER_NAME = "gen_ai.provider.name"  # "vllm" (latest GenAI conventions; was gen_ai.system)
 REQUEST_MODEL = "gen_ai.request.model"
 RESPONSE_MODEL = "gen_ai.response.model"
 REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
 USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
+TIME_TO_FIRST_CHUNK = "gen_ai.response.time_to_first_chunk"  # upstream span of a streamed call, seconds
 HTTP_STATUS_CODE = "http.response.status_code"
 ERROR_TYPE = "error.type"
 SERVER_ADDRESS = "server.address"

@@ -183,14 +183,14 @@ def span_groups(frame: RequestFrame) -> list[SpanGroup]:
             _int(sc.HTTP_STATUS_CODE, frame.status),
             _cat(sc.ERROR_TYPE, _codes(frame.status, ERROR_STATUSES), tuple(str(s) for s in ERROR_STATUSES)),
             _const(sc.OPERATION_NAME, "chat", n),
-            _const(sc.SYSTEM, "vllm", n),
+            _const(sc.PROVIDER_NAME, "vllm", n),
             _cat(sc.REQUEST_MODEL, frame.model, t.models),
             _int(sc.REQUEST_MAX_TOKENS, frame.max_tokens),
             _cat(sc.RESPONSE_MODEL, final_model, t.models),
             _int(sc.USAGE_INPUT_TOKENS, frame.prompt_tokens, ok),
             _int(sc.USAGE_OUTPUT_TOKENS, frame.output_tokens, ok),
             _cat(sc.RESPONSE_FINISH_REASONS, frame.finish, finish_labels, ok),
-            _cat(sc.ROUTE_POLICY, frame.policy, POLICIES),
+            _cat(sc.ROUTE, frame.policy, POLICIES),
             _cat(sc.ROUTE_VARIANT, frame.variant, VARIANTS),
         ])]
 
@@ -200,7 +200,7 @@ def span_groups(frame: RequestFrame) -> list[SpanGroup]:
         name = sc.STAGES[stage]
         attrs = [_const(sc.STAGE, name, m)]
         if name == "route":
-            attrs += [_cat(sc.ROUTE_POLICY, frame.policy[sel], POLICIES),
+            attrs += [_cat(sc.ROUTE, frame.policy[sel], POLICIES),
                       _cat(sc.ROUTE_VARIANT, frame.variant[sel], VARIANTS),
                       _cat(sc.REQUEST_MODEL, frame.model[sel], t.models)]
         elif name == "retrieval":
@@ -240,7 +240,7 @@ def _attempts(frame: RequestFrame, root_id: np.ndarray, finish_labels: tuple[Any
         _cat(sc.REPLICA, replica, t.replicas),
         _cat(sc.ERROR_TYPE, failure, ATTEMPT_ERROR_TYPES),
         _const(sc.OPERATION_NAME, "chat", m),
-        _const(sc.SYSTEM, "vllm", m),
+        _const(sc.PROVIDER_NAME, "vllm", m),
         _int(sc.REQUEST_MAX_TOKENS, frame.max_tokens[req]),
         _cat(sc.REQUEST_MODEL, model, t.models),
         _cat(sc.RESPONSE_MODEL, model, t.models, ok),
