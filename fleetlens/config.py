@@ -146,6 +146,24 @@ class CollectorSettings(BaseModel):
     scrape_targets: list[ScrapeTarget] = Field(default_factory=list, description="vLLM replicas to scrape.")
 
 
+class GatewaySettings(BaseModel):
+    """The OpenAI-compatible gateway (`fleetlens gateway`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(EMBEDDED_HOST, description="Bind address; loopback unless told otherwise.")
+    port: int = Field(8080, ge=1, le=65535)
+    models_file: Path = Field(Path("models.yaml"), description="Model registry (see serving/examples).")
+    routes_file: Path = Field(Path("routes.yaml"), description="Routing rules; reloaded on change.")
+    keys_file: Path = Field(Path("keys.yaml"), description="API keys (hashed) → customer, feature, limits.")
+    reload_interval_s: float = Field(2.0, gt=0, description="How often the config files are checked for changes.")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP base URL for the gateway's spans; default: the collector on this machine."
+    )
+    record_content: bool = Field(False, description="Store prompt and completion text on spans (off by default).")
+    connect_timeout_s: float = Field(2.0, gt=0, description="Upstream connect timeout.")
+
+
 class Settings(BaseSettings):
     """Everything FleetLens reads from its environment. Components take what they need from here."""
 
@@ -166,6 +184,7 @@ class Settings(BaseSettings):
     metrics_ttl_days: int = Field(0, ge=0, description="TTL of fleet_metrics in days; 0 keeps data forever.")
     warehouse_server: WarehouseServerSettings = Field(default_factory=WarehouseServerSettings)
     collector: CollectorSettings = Field(default_factory=CollectorSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
     @field_validator("warehouse_url")
     @classmethod
