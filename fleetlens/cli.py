@@ -86,6 +86,29 @@ def collector(
 
 
 @app.command()
+def gateway(
+    port: Annotated[Optional[int], typer.Option(help="HTTP port (default 8080).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    models: Annotated[Optional[Path], typer.Option(help="models.yaml (model registry).")] = None,
+    routes: Annotated[Optional[Path], typer.Option(help="routes.yaml (routing rules; reloaded on change).")] = None,
+    keys: Annotated[Optional[Path], typer.Option(help="keys.yaml (hashed API keys).")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """The OpenAI-compatible gateway over vLLM replicas: one trace per request, a span per stage."""
+    from .serving.service import run
+
+    settings = _settings()
+    updates = {"port": port, "host": host, "models_file": models, "routes_file": routes, "keys_file": keys}
+    settings.gateway = settings.gateway.model_copy(update={k: v for k, v in updates.items() if v is not None})
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(settings)
+    except ConfigError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
 def migrate() -> None:
     """Create or upgrade the FleetLens tables in the warehouse (idempotent)."""
     settings = _settings()

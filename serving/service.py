@@ -1,0 +1,104 @@
+"""`fleetlens gateway`: the gateway assembled from its files and run under uvicorn.
+
+models.yaml + routes.yaml are watched and swapped as a pair when both are valid (a bad edit is
+logged and the running configuration stays); replica pools follow the registry; health checks
+run in the background; spans go to the collector in batches and are never waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+
+import uvicorn
+
+from fleetlens.config import ConfigError, Settings
+from fleetlens.net import is_loopback
+
+from .gateway import Gateway, Upstream, UpstreamPicker
+from .keys import KeyStore
+from .pool import HealthChecker, Pools
+from .ratelimit import InMemoryLimiter, Limits
+from .registry import ConfigWatcher
+from .tracing import otlp_exporter, tracer_provider
+
+log = logging.getLogger("fleetlens.gateway")
+
+
+def pool_picker(pools: Pools) -> UpstreamPicker:
+    """Least-outstanding choice among a model's healthy replicas; the request counts as in flight
+    until the gateway reports how it went (for a stream: when the stream ends)."""
+
+    def pick(model: str) -> Upstream | None:
+        pool = pools.get(model)
+        replica = pool.pick() if pool is not None else None
+        if pool is None or replica is None:
+            return None
+        replica.outstanding += 1
+        replica.requests_total += 1
+
+        def done(ok: bool) -> None:
+            replica.outstanding -= 1
+            pool.report(replica, ok)
+
+        return Upstream(replica.name, replica.url, done)
+
+    return pick
+
+
+def key_limits(store: KeyStore) -> InMemoryLimiter:
+    def limits_for(key_id: str) -> Limits:
+        key = store.get(key_id)
+        return Limits.per_minute(key.rpm if key else None, key.tpm if key else None)
+
+    return InMemoryLimiter(limits_for)
+
+
+def build(settings: Settings) -> tuple[Gateway, ConfigWatcher, Pools, HealthChecker]:
+    """Everything the gateway needs, from settings; raises ConfigError on a bad file."""
+    config = settings.gateway
+    watcher = ConfigWatcher(config.models_file, config.routes_file)
+    store = KeyStore.from_yaml(config.keys_file)
+    pools = Pools(watcher.config.registry, watcher.config.routes.pool)
+    endpoint = config.otlp_endpoint or f"http://127.0.0.1:{settings.collector.http_port}"
+    provider, _stats = tracer_provider(otlp_exporter(endpoint))
+    gateway = Gateway(lambda: watcher.config, lambda: store, key_limits(store), pool_picker(pools),
+                      provider.get_tracer("fleetlens.gateway"), record_content=config.record_content,
+                      connect_timeout_s=config.connect_timeout_s, rng=random.Random())
+    return gateway, watcher, pools, HealthChecker(pools)
+
+
+def run(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT."""
+    config = settings.gateway
+    if not is_loopback(config.host):
+        log.warning("gateway listens on %s: API keys are checked, but use TLS in front of it", config.host)
+    gateway, watcher, pools, checker = build(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: object) -> AsyncIterator[None]:
+        checker.start()
+        reload_task = asyncio.create_task(_reload(watcher, pools, config.reload_interval_s))
+        try:
+            yield
+        finally:
+            reload_task.cancel()
+            await checker.stop()
+            await gateway.aclose()
+
+    gateway.app.router.lifespan_context = lifespan
+    uvicorn.run(gateway.app, host=config.host, port=config.port, log_level="warning", access_log=False)
+
+
+async def _reload(watcher: ConfigWatcher, pools: Pools, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            if watcher.check():
+                pools.update(watcher.config.registry, watcher.config.routes.pool)
+                log.info("configuration reloaded")
+        except ConfigError as error:  # check() keeps the old config; this is belt and braces
+            log.error("%s", error)

