@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import otlp
-from .spool import Spool, SpoolError, SpoolOverloaded
+from .spool import Spool, SpoolError, SpoolFull, SpoolOverloaded
 from .telemetry import ReceiverStats
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def release_memory() -> None:
 def _spool_refusal(error: SpoolError) -> Refusal:
     if isinstance(error, SpoolOverloaded):
         return Refusal(429, grpc.StatusCode.RESOURCE_EXHAUSTED, error.retry_after_s, "queue_full", str(error))
-    reason = "spool_full" if type(error).__name__ == "SpoolFull" else "shutting_down"
+    reason = "spool_full" if isinstance(error, SpoolFull) else "shutting_down"
     return Refusal(503, grpc.StatusCode.UNAVAILABLE, error.retry_after_s, reason, str(error))
 
 

@@ -29,10 +29,6 @@ from .writer import Writer
 log = logging.getLogger("fleetlens.collector")
 
 
-class BindPolicyError(ValueError):
-    """The collector has no authentication: it listens on loopback unless told otherwise."""
-
-
 class _QuietServer(uvicorn.Server):
     """uvicorn inside our loop: signals are ours, not uvicorn's."""
 

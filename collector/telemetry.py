@@ -11,7 +11,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
@@ -45,10 +44,10 @@ class PipelineMetrics(Collector):
 
     def collect(self) -> Iterator[Any]:
         r = self.receivers
-        yield _counter("requests", "OTLP export requests received", {"protocol": r.requests})
-        yield _counter("received_spans", "Spans in received requests", {"protocol": r.received_spans})
-        yield _counter("accepted_spans", "Spans acknowledged (fsynced in the spool)", {"protocol": r.accepted_spans})
-        yield _counter("rejected_spans", "Spans refused as invalid (partial success)", {"protocol": r.rejected_spans})
+        yield _by_protocol("requests", "OTLP export requests received", r.requests)
+        yield _by_protocol("received_spans", "Spans in received requests", r.received_spans)
+        yield _by_protocol("accepted_spans", "Spans acknowledged (fsynced in the spool)", r.accepted_spans)
+        yield _by_protocol("rejected_spans", "Spans refused as invalid (partial success)", r.rejected_spans)
         bad = CounterMetricFamily(PREFIX + "bad_requests", "Requests refused as unusable (4xx)",
                                   labels=["protocol", "reason"])
         for (protocol, reason), value in sorted(r.bad_requests.items()):
@@ -98,13 +97,8 @@ class PipelineMetrics(Collector):
             yield from self.scraper.metric_families(PREFIX)
 
 
-def _counter(name: str, documentation: str, by_label: dict[str, Counter[str]]) -> CounterMetricFamily:
-    (label, values), = by_label.items()
-    family = CounterMetricFamily(PREFIX + name, documentation, labels=[label])
+def _by_protocol(name: str, documentation: str, values: Counter[str]) -> CounterMetricFamily:
+    family = CounterMetricFamily(PREFIX + name, documentation, labels=["protocol"])
     for key, value in sorted(values.items()):
         family.add_metric([key], value)
     return family
-
-
-def render(registry: CollectorRegistry) -> bytes:
-    return generate_latest(registry)
