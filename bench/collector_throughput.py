@@ -87,10 +87,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
+from fleetlens import net
 from fleetlens import semconv as sc
 from fleetlens.config import WarehouseURL
-from fleetlens.warehouse.client import WarehouseUnavailable, wait_until_ready
 from fleetlens.net import free_port
+from fleetlens.warehouse.client import WarehouseUnavailable, wait_until_ready
 
 REPO = Path(__file__).resolve().parent.parent
 PHOENIX_VENV = REPO / ".venv-phoenix"
@@ -363,16 +364,10 @@ def start_collector(workdir: Path, warehouse_port: int, workers: int, extra_env:
 
 
 def wait_http(child: Child, port: int, path: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise RuntimeError(f"{child.name} exited: {child.log_tail()}")
-        try:
-            if http_get(port, path, timeout_s=1)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
+    if net.wait_http(f"http://127.0.0.1:{port}{path}", timeout_s, alive=child.alive, interval_s=0.2):
+        return
+    if not child.alive():
+        raise RuntimeError(f"{child.name} exited: {child.log_tail()}")
     raise RuntimeError(f"{child.name} did not answer {path} within {timeout_s:.0f} s: {child.log_tail()}")
 
 

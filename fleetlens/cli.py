@@ -6,7 +6,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -232,6 +232,7 @@ def up(
     port: Annotated[Optional[int], typer.Option(help="Warehouse HTTP port (default 8123).")] = None,
 ) -> None:
     """Start the embedded stack in the foreground (warehouse, schema, collector); Ctrl-C stops everything."""
+    from .net import wait_http
     from .stack import Child, Stack, fleetlens_argv
     from .warehouse.client import WarehouseUnavailable, wait_until_ready
 
@@ -262,8 +263,8 @@ def up(
         with console.status("starting the collector..."):
             child = stack.add(Child("collector", fleetlens_argv("collector"), logs / "collector.log"),
                               env=_child_env(settings))
-            if not _wait_http(f"http://{_client_host(collector.host)}:{collector.http_port}/health",
-                              alive=lambda: child.alive):
+            if not wait_http(f"http://{_client_host(collector.host)}:{collector.http_port}/health", 60.0,
+                             alive=lambda: child.alive):
                 err_console.print(f"[red]the collector did not start; see {child.log_path}[/red]")
                 raise typer.Exit(1)
         summary = Table(title="FleetLens is up")
@@ -295,22 +296,6 @@ def _child_env(settings: Settings) -> dict[str, str]:
     """Settings a child process must share with `up` even when they came from flags."""
     return {"FLEETLENS_WAREHOUSE_SERVER__PORT": str(settings.warehouse_server.port),
             "FLEETLENS_DATA_DIR": str(settings.data_dir)}
-
-
-def _wait_http(url: str, *, alive: Callable[[], bool], timeout_s: float = 60.0) -> bool:
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and alive():
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    return False
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
+from collections.abc import Callable
 
 
 def is_loopback(host: str) -> bool:
@@ -25,3 +27,22 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float, *, alive: Callable[[], bool] | None = None,
+              interval_s: float = 0.1) -> bool:
+    """Poll `url` until it answers 200 (True); False once `timeout_s` has passed or, with `alive`
+    (the process we started), as soon as that process has died — no point waiting it out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            return False
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval_s)
+    return False

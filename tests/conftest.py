@@ -16,7 +16,7 @@ import pytest
 
 from fleetlens.config import WarehouseURL
 from fleetlens.warehouse.client import WarehouseUnavailable, wait_until_ready
-from fleetlens.net import free_port  # noqa: F401 - tests import it from here
+from fleetlens.net import free_port, wait_http  # noqa: F401 - tests import free_port from here
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -131,8 +131,6 @@ class CollectorProcess:
         return self.data_dir / "collector.log"
 
     def start(self, timeout_s: float = 30.0) -> "CollectorProcess":
-        import httpx
-
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "FLEETLENS_WAREHOUSE_URL": self.warehouse_url,
                "FLEETLENS_DATA_DIR": str(self.data_dir), "FLEETLENS_COLLECTOR__BATCH_TIMEOUT_S": "0.1",
@@ -143,16 +141,10 @@ class CollectorProcess:
                  "--otlp-http-port", str(self.http_port), "--log-level", "warning"],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"collector exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.endpoint + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError(f"collector did not start: {self.log_path.read_text()[-3000:]}")
+        if wait_http(self.endpoint + "/health", timeout_s, alive=lambda: self.process.poll() is None):
+            return self
+        state = "exited" if self.process.poll() is not None else "did not start"
+        raise RuntimeError(f"collector {state}: {self.log_path.read_text()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int | None:
         return stop_group(self.process, sig, timeout_s)

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import WarehouseProcess, migrated_database, stop_group, wait_for
 from fleetlens import semconv as sc
-from fleetlens.net import free_port
+from fleetlens.net import free_port, wait_http
 from fleetlens.serving.keys import generate_key
 from fleetlens.serving.stub_upstream import StubConfig, StubServer
 
@@ -52,8 +52,8 @@ def stack(tmp_path: Path, warehouse: WarehouseProcess, start_collector):
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: process.poll() is not None or _up(base), timeout_s=30)
-        assert process.poll() is None, (tmp_path / "gateway.log").read_text()
+        assert wait_http(base + "/health", 30, alive=lambda: process.poll() is None), \
+            (tmp_path / "gateway.log").read_text()
         yield {"base": base, "key": key, "client": warehouse.client(database="serving_e2e"), "small": small,
                "large": large, "log": tmp_path / "gateway.log"}
     finally:
@@ -61,13 +61,6 @@ def stack(tmp_path: Path, warehouse: WarehouseProcess, start_collector):
         log.close()
         for stub in (*small, large):
             stub.stop()
-
-
-def _up(base: str) -> bool:
-    try:
-        return httpx.get(base + "/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_streaming_request_is_one_trace_with_every_stage(stack) -> None:

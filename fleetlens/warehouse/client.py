@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import clickhouse_connect
@@ -10,6 +9,7 @@ import httpx
 from clickhouse_connect.driver.client import Client
 
 from ..config import WarehouseURL
+from ..net import wait_http
 
 
 class WarehouseUnavailable(RuntimeError):
@@ -44,11 +44,8 @@ def ping(url: WarehouseURL, timeout_s: float = 2.0) -> bool:
 def wait_until_ready(url: WarehouseURL, timeout_s: float = 30.0, *, alive: Callable[[], bool] | None = None) -> None:
     """Block until `url` answers /ping. With `alive` (the server process we started), stop
     waiting as soon as it has died instead of running out the whole timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if alive is not None and not alive():
-            raise WarehouseUnavailable(f"the warehouse at {url.redacted()} exited before answering /ping")
-        if ping(url, timeout_s=1.0):
-            return
-        time.sleep(0.1)
+    if wait_http(f"{url.scheme}://{url.host}:{url.port}/ping", timeout_s, alive=alive):
+        return
+    if alive is not None and not alive():
+        raise WarehouseUnavailable(f"the warehouse at {url.redacted()} exited before answering /ping")
     raise WarehouseUnavailable(f"the warehouse at {url.redacted()} did not answer /ping within {timeout_s:.0f} s")
