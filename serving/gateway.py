@@ -122,7 +122,7 @@ class Gateway:
             root.set_attribute(sc.FEATURE, feature or "")
             stream = bool(body.get("stream"))
             root.set_attribute(sc.STREAM, stream)
-            features = _features(body)
+            features = RequestFeatures.from_request(body)
             estimate = features.estimated_prompt_tokens + int(body.get("max_tokens") or 0)
             with self._stage("rate_limit", ctx):
                 decision = self.limiter.check(key.id, tokens_estimate=estimate)
@@ -316,16 +316,6 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if body.get("max_tokens") is not None and (not isinstance(body["max_tokens"], int) or body["max_tokens"] < 1):
         raise GatewayError(errors.invalid_request("max_tokens must be a positive integer", param="max_tokens"), "400")
     return body
-
-
-def _features(body: dict[str, Any]) -> RequestFeatures:
-    """Router input for chat bodies (messages) and completion bodies (prompt)."""
-    if "messages" in body:
-        return RequestFeatures.from_chat_request(body)
-    prompt = body.get("prompt")
-    text = prompt if isinstance(prompt, str) else " ".join(p for p in prompt or [] if isinstance(p, str))
-    max_tokens = body.get("max_tokens")
-    return RequestFeatures(prompt_text=text, max_tokens=max_tokens if isinstance(max_tokens, int) else None)
 
 
 def _note_event(line: bytes, usage: dict[str, Any], finish: list[str]) -> None:

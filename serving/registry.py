@@ -425,6 +425,18 @@ class RequestFeatures(BaseModel):
         )
 
 
+    @classmethod
+    def from_request(cls, body: dict[str, Any]) -> RequestFeatures:
+        """Chat bodies (messages) as above; completion bodies (prompt: a string or a list)."""
+        if "messages" in body:
+            return cls.from_chat_request(body)
+        prompt = body.get("prompt")
+        text = prompt if isinstance(prompt, str) else " ".join(p for p in prompt or [] if isinstance(p, str))
+        max_tokens = body.get("max_tokens")
+        return cls(prompt_text=text,
+                   max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else None)
+
+
 # Weights of the difficulty score; they sum to 1 so the score is in [0, 1].
 PROMPT_WEIGHT = 0.35
 OUTPUT_WEIGHT = 0.25
