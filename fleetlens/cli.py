@@ -108,6 +108,98 @@ def gateway(
         raise typer.Exit(2) from None
 
 
+serve_app = typer.Typer(help="Serving processes: vLLM replicas.", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+
+
+@serve_app.command("replica")
+def serve_replica(
+    model: Annotated[str, typer.Option(help="Registry key of the model to serve (models.yaml).")],
+    models: Annotated[Optional[Path], typer.Option(help="models.yaml (default: gateway.models_file).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Replica port (default: a free one).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Replica name (default: {model}-{n}).")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Launch one vLLM replica of MODEL, traced to the collector, registered with the gateway when ready."""
+    from .net import free_port
+    from .serving.registration import ReplicaDirectory
+    from .serving.registry import load_models
+    from .serving.replica import ReplicaFailed, ReplicaLauncher, plan_replica
+    from .serving.tracing import otlp_exporter, tracer_provider
+    from .semconv import REPLICA_SERVICE
+
+    settings = _settings()
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        registry = load_models(models or settings.gateway.models_file)
+        directory = ReplicaDirectory(settings.replicas_path)
+        replica_name = name or directory.next_name(model)
+        plan = plan_replica(registry, model, settings, port=port or free_port(), name=replica_name)
+    except ConfigError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    endpoint = settings.gateway.otlp_endpoint or f"http://127.0.0.1:{settings.collector.http_port}"
+    provider, _ = tracer_provider(otlp_exporter(endpoint), service_name=REPLICA_SERVICE)
+    launcher = ReplicaLauncher(plan, directory, settings.data_dir / "logs" / f"replica-{plan.name}.log", provider)
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 1
+    try:
+        launcher.start()
+        with console.status(f"loading {model} as replica {plan.name} on {plan.url}...") as status:
+            load_s = launcher.wait_ready(
+                settings.replica.ready_timeout_s,
+                tick=lambda s: status.update(f"loading {model} as replica {plan.name} on {plan.url}... {s:.0f} s"))
+        launcher.register()
+        console.print(f"replica [bold]{plan.name}[/bold] ({model}, {plan.spec.variant}) ready on {plan.url} "
+                      f"after {load_s:.1f} s; registered in {directory.path}; logs: {launcher.log_path}")
+        code = launcher.serve_forever()
+    except ReplicaFailed as error:
+        err_console.print(f"[red]{error}[/red]")
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        launcher.stop()
+    raise typer.Exit(code)
+
+
+@app.command()
+def load(
+    mix: Annotated[Path, typer.Option(help="Traffic-mix YAML (see serving/examples/traffic.yaml).")],
+    gateway: Annotated[Optional[str], typer.Option(help="Gateway base URL (default: the mix's target).")] = None,
+    requests: Annotated[Optional[int], typer.Option(min=1, help="Number of requests (overrides the mix).")] = None,
+    duration: Annotated[Optional[float], typer.Option(min=0.001, help="Seconds of arrivals (overrides the mix).")] = None,
+    rate: Annotated[Optional[float], typer.Option(min=0.001, help="Base Poisson rate, req/s (overrides the mix).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Plan seed (overrides the mix).")] = None,
+    concurrency: Annotated[Optional[int], typer.Option(min=1, help="Most requests in flight.")] = None,
+    timeout: Annotated[Optional[float], typer.Option(min=0.001, help="Per-request timeout, seconds.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option(help="Write the summary and every request record here.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Send seeded open-loop traffic (Poisson arrivals) through the gateway; print latency/TTFT percentiles."""
+    from .serving import loadgen
+
+    try:
+        traffic = loadgen.load_mix(mix)
+        planned = loadgen.plan(traffic, requests=requests, rate=rate, duration_s=duration, seed=seed)
+        records, wall = loadgen.run_with_progress(traffic, planned, console=console, progress=progress,
+                                                  gateway=gateway, concurrency=concurrency, timeout_s=timeout)
+    except ConfigError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    summary = loadgen.summarize(records, wall)
+    loadgen.render_summary(summary, console)
+    if json_out is not None:
+        loadgen.write_json(json_out, summary, records, planned)
+        console.print(f"wrote {json_out}")
+    if summary["overall"]["ok"] == 0:
+        raise typer.Exit(1)
+
+
 @app.command()
 def migrate() -> None:
     """Create or upgrade the FleetLens tables in the warehouse (idempotent)."""

@@ -162,6 +162,51 @@ class GatewaySettings(BaseModel):
     )
     record_content: bool = Field(False, description="Store prompt and completion text on spans (off by default).")
     connect_timeout_s: float = Field(2.0, gt=0, description="Upstream connect timeout.")
+    redis_url: str | None = Field(
+        None, description="Redis for rate limits shared by several gateway replicas "
+        "(redis://[:password@]host:6379/0, rediss://, unix://); unset = in-memory limits per gateway process. "
+        "Never logged with its password.",
+    )
+    redis_key_prefix: str = Field(
+        "fleetlens:ratelimit:", min_length=1, description="Prefix of the limiter's Redis keys (one hash per API key)."
+    )
+    redis_timeout_s: float = Field(0.2, gt=0, description="Longest a rate-limit check waits for Redis.")
+    rate_limit_fail_open: bool = Field(
+        True,
+        description="Redis down or slow: serve without rate limits (counted, logged) — or, false, answer 503.",
+    )
+    redaction_hook: str | None = Field(
+        None, description="'module:function' (str -> str) applied to text before record_content puts it on spans; "
+        "default: mask e-mail addresses, phone numbers and secret-looking tokens.",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+
+class ReplicaSettings(BaseModel):
+    """vLLM replicas launched by `fleetlens serve replica`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(EMBEDDED_HOST, description="Bind address of each replica; loopback unless told otherwise.")
+    engine_command: list[str] | None = Field(
+        None,
+        description="Command that starts vLLM's OpenAI server (arguments follow); default: "
+        "`.venv-serving/bin/python -m vllm.entrypoints.openai.api_server` when that venv exists, else `vllm serve`.",
+    )
+    kv_cache_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE for the CPU build (GiB).")
+    ready_timeout_s: float = Field(600.0, gt=0, description="How long a replica may take from launch to ready.")
+    otlp_traces_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces URL vLLM sends its spans to; default: the collector on this machine."
+    )
+    registry_dir: Path | None = Field(
+        None, description="Directory where running replicas register for the gateway; default <data_dir>/replicas."
+    )
 
 
 class Settings(BaseSettings):
@@ -185,6 +230,7 @@ class Settings(BaseSettings):
     warehouse_server: WarehouseServerSettings = Field(default_factory=WarehouseServerSettings)
     collector: CollectorSettings = Field(default_factory=CollectorSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    replica: ReplicaSettings = Field(default_factory=ReplicaSettings)
 
     @field_validator("warehouse_url")
     @classmethod
@@ -238,6 +284,11 @@ class Settings(BaseSettings):
     @property
     def spool_path(self) -> Path:
         return self.collector.spool_dir or self.data_dir / "spool"
+
+    @property
+    def replicas_path(self) -> Path:
+        """Where launched replicas register themselves (the gateway and the scraper watch it)."""
+        return self.replica.registry_dir or self.data_dir / "replicas"
 
 
 def _format_validation_error(error: ValidationError) -> str:

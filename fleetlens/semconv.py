@@ -42,6 +42,12 @@ REPLICA = "fleetlens.replica"  # upstream span: the replica that served the atte
 ATTEMPT = "fleetlens.attempt"  # upstream span: 1, 2, ... for retries and fallbacks
 STREAM = "fleetlens.stream"  # root: bool
 RETRIEVAL_DOCUMENTS = "fleetlens.retrieval.documents"  # retrieval span: documents returned
+RETRIEVER = "fleetlens.retrieval.retriever"  # retrieval span: the retriever's name in routes.yaml
+RETRIEVAL_DOCUMENT_IDS = "fleetlens.retrieval.document_ids"  # retrieval span: ids, best first
+RETRIEVAL_CONTENT = "fleetlens.retrieval.content"  # retrieval span, record_content only: JSON passages
+FALLBACK_TRIGGER = "fleetlens.fallback.trigger"  # failed upstream span: "error" / "timeout" / "overload"
+POSTPROCESS_CHECK = "fleetlens.postprocess.check"  # postprocess span: "json_schema" / "json_object"
+POSTPROCESS_VALID = "fleetlens.postprocess.valid"  # postprocess span: bool, the completion passed the check
 
 # GenAI semantic conventions (root and upstream spans)
 OPERATION_NAME = "gen_ai.operation.name"  # "chat"
@@ -57,6 +63,10 @@ HTTP_STATUS_CODE = "http.response.status_code"
 ERROR_TYPE = "error.type"
 SERVER_ADDRESS = "server.address"
 SERVER_PORT = "server.port"
+# Content, only with record_content on (redacted first): JSON strings in the GenAI conventions' shape,
+# [{"role": ..., "parts": [{"type": "text", "content": ...}]}] (output messages add "finish_reason")
+INPUT_MESSAGES = "gen_ai.input.messages"  # upstream span
+OUTPUT_MESSAGES = "gen_ai.output.messages"  # upstream span
 
 # vLLM's llm_request span (vllm/tracing.py SpanAttributes)
 VLLM_REQUEST_ID = "gen_ai.request.id"
@@ -68,3 +78,14 @@ VLLM_E2E = "gen_ai.latency.e2e"
 VLLM_TIME_IN_MODEL_PREFILL = "gen_ai.latency.time_in_model_prefill"
 VLLM_TIME_IN_MODEL_DECODE = "gen_ai.latency.time_in_model_decode"
 VLLM_TIME_IN_MODEL_INFERENCE = "gen_ai.latency.time_in_model_inference"
+
+# Replica lifecycle (written by `fleetlens serve replica`, service.name = fleetlens-replica):
+#   replica.cold_start   one span per launch, from process start to the first good health check;
+#                        its duration is the load time the cost models charge as cold-start dollars.
+REPLICA_SERVICE = "fleetlens-replica"
+COLD_START_SPAN = "replica.cold_start"
+GPU_TYPE = "fleetlens.gpu.type"
+GPU_COUNT = "fleetlens.gpu.count"
+GPU_HOURLY_USD = "fleetlens.gpu.hourly_usd"
+REPLICA_URL = "fleetlens.replica.url"
+LOAD_SECONDS = "fleetlens.replica.load_seconds"

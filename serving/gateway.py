@@ -4,28 +4,36 @@
     ├── auth             API key → customer (hashed keys, constant-time check)
     ├── rate_limit       requests/min and tokens/min per key
     ├── route            registry model asked for by name, or the feature's routing rule
-    ├── prompt_assembly  the upstream body (served model name, usage in streams)
+    ├── retrieval        features with `retrieval:` only: passages from a Retriever (ids on the span)
+    ├── prompt_assembly  the upstream body (served model name, usage in streams, retrieved passages)
     ├── chat {model}     CLIENT, one per upstream attempt; traceparent goes upstream, so vLLM's
-    │                    llm_request span lands under it
-    └── postprocess      usage accounting, limiter settlement
+    │                    llm_request span lands under it. A failed attempt moves on to the next model
+    │                    only if its trigger (error / timeout / overload) is in the route's fallback_on
+    └── postprocess      usage accounting, limiter settlement, response_format validation
 
 Every answer — including 401/403/404/429/5xx — is traced with its status. Prompt and completion
-text are never put on spans unless `record_content` is on. Streaming responses are relayed chunk by
-chunk; the spans end when the stream does.
+text are never put on spans unless `record_content` is on, and then only after the redaction hook.
+Streaming responses are relayed chunk by chunk; the spans end when the stream does.
+
+Also served: `/tokenize`, `/detokenize`, `/tokenizer_info` relayed to a replica of the named model
+(what lm-eval's `tokenizer_backend=remote` uses), and `/metrics` (Prometheus text, no API key).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -34,12 +42,20 @@ from starlette.routing import Route
 from fleetlens import semconv as sc
 
 from . import errors
-from .keys import AuthError, KeyStore
+from .keys import ApiKey, AuthError, KeyStore, KeysWatcher
+from .metrics import GatewayMetrics, GatewayStats, registry_for
 from .ratelimit import Limiter
-from .registry import RequestFeatures, RouteDecision, ServingConfig, attempt_order
+from .redaction import Redactor, default_redactor
+from .registry import FeatureRoute, RequestFeatures, RetrievalSpec, RouteDecision, ServingConfig, attempt_order
+from .retrieval import Document, Retrievers, insert_context, query_of
+from .tracing import ExportStats
+
+log = logging.getLogger(__name__)
 
 FEATURE_HEADER = "x-fleetlens-feature"
-RETRYABLE_STATUSES = frozenset({500, 502, 503, 504})
+OVERLOAD_STATUSES = frozenset({429, 503})  # the replica is busy: fallback_on "overload", answered 503
+ALL_TRIGGERS = ("error", "timeout", "overload")
+TOKENIZER_TIMEOUT_S = 30.0
 
 
 class GatewayError(Exception):
@@ -63,13 +79,31 @@ class Upstream:
 UpstreamPicker = Callable[[str], "Upstream | None"]  # model name → a replica of it, or None when none is up
 
 
+@dataclass(frozen=True)
+class OutputCheck:
+    """What the request's response_format asks of the completion (checked in postprocess)."""
+
+    kind: str  # "json_schema" / "json_object"
+    validator: Any = None  # a jsonschema validator for json_schema
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    kind: str
+    valid: bool
+    error_type: str | None = None  # "invalid_json", "not_an_object", "schema_violation", "no_content"
+    message: str = ""
+
+
 class Gateway:
     """The ASGI app (`.app`) and its per-request pipeline."""
 
     def __init__(self, config: Callable[[], ServingConfig], keys: Callable[[], KeyStore], limiter: Limiter,
                  pick: UpstreamPicker, tracer: trace.Tracer, *, record_content: bool = False,
                  connect_timeout_s: float = 2.0, rng: random.Random | None = None,
-                 http: httpx.AsyncClient | None = None) -> None:
+                 http: httpx.AsyncClient | None = None, retrievers: Retrievers | None = None,
+                 redact: Redactor | None = None, pools_snapshot: Callable[[], list[dict[str, Any]]] | None = None,
+                 export_stats: ExportStats | None = None) -> None:
         self.config = config
         self.keys = keys
         self.limiter = limiter
@@ -80,12 +114,34 @@ class Gateway:
         self.http = http or httpx.AsyncClient(
             timeout=httpx.Timeout(60.0, connect=connect_timeout_s),
             limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256))
+        self.redact = redact or default_redactor
+        self.keys_watcher: KeysWatcher | None = None  # set by service.build: keys.yaml reloads in place
+        self.retrievers = retrievers or Retrievers()
+        self.retrievers.sync(config().routes.retrievers)  # indexes built at start, not on a first request
+        self.stats = GatewayStats()
+        self.metrics = GatewayMetrics(self.stats, pools_snapshot, export_stats)
+        self.metrics_registry = registry_for(self.metrics)
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
+            Route("/tokenizer_info", self.tokenizer_info, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
         ])
+
+    def observe(self, pools_snapshot: Callable[[], list[dict[str, Any]]] | None = None,
+                export_stats: ExportStats | None = None) -> None:
+        """Show the replica pools and the span exporter's counts on /metrics."""
+        if pools_snapshot is not None:
+            self.metrics.pools = pools_snapshot
+        if export_stats is not None:
+            self.metrics.export = export_stats
+
+    async def metrics_endpoint(self, _request: Request) -> Response:
+        return Response(generate_latest(self.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     async def health(self, _request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -113,11 +169,13 @@ class Gateway:
                                       attributes={sc.OPERATION_NAME: "chat" if "chat" in path else "text_completion",
                                                   sc.PROVIDER_NAME: "vllm"})
         ctx = trace.set_span_in_context(root)
+        self.stats.in_flight += 1
         try:
             with self._stage("auth", ctx):
                 key = self.keys().check_authorization(request.headers.get("authorization"))
             root.set_attributes({sc.CUSTOMER: key.customer, sc.API_KEY_ID: key.id})
             body = await _json_body(request)
+            output_check = _output_check(body)
             feature = key.resolve_feature(request.headers.get(FEATURE_HEADER))
             root.set_attribute(sc.FEATURE, feature or "")
             stream = bool(body.get("stream"))
@@ -125,9 +183,10 @@ class Gateway:
             features = RequestFeatures.from_request(body)
             estimate = features.estimated_prompt_tokens + int(body.get("max_tokens") or 0)
             with self._stage("rate_limit", ctx):
-                decision = self.limiter.check(key.id, tokens_estimate=estimate)
-                if not decision.allowed:
-                    raise GatewayError(decision.error_response(), "429")
+                decision = await self.limiter.check(key.id, tokens_estimate=estimate)
+                if not decision.allowed:  # 429, or 503 when the limiter's store is down and fails closed
+                    refusal = decision.error_response()
+                    raise GatewayError(refusal, str(refusal.status))
             with self._stage("route", ctx) as route_span:
                 route, attempts = self._route(body, feature, features)
                 if not key.allows_model(route.model):
@@ -138,11 +197,16 @@ class Gateway:
                                  sc.ROUTE_VARIANT: "canary" if route.is_canary else "baseline"})
             if body.get("max_tokens") is not None:
                 root.set_attribute(sc.REQUEST_MAX_TOKENS, int(body["max_tokens"]))
+            feature_route = self._feature_route(feature)
+            documents: list[Document] = []
+            if feature_route.retrieval is not None:
+                documents = await self._retrieve(body, feature_route.retrieval, ctx)
             with self._stage("prompt_assembly", ctx):
                 if stream:
                     body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+                body = insert_context(body, documents)
             upstream, response, attempt_span, model, started = await self._call_upstream(
-                path, body, attempts, ctx, self._timeout(feature))
+                path, body, attempts, ctx, self._timeout(feature), feature_route.fallback_on)
         except GatewayError as error:
             return self._finish_error(root, error)
         except AuthError as error:
@@ -158,8 +222,18 @@ class Gateway:
             await response.aclose()
         usage = payload.get("usage") or {}
         finish = [c.get("finish_reason") for c in payload.get("choices", []) if c.get("finish_reason")]
+        if self.record_content:
+            self._record(attempt_span, sc.OUTPUT_MESSAGES, lambda: _output_messages(payload, self.redact))
         self._close_attempt(attempt_span, upstream, True, model, usage, finish)
-        self._postprocess(root, ctx, key.id, estimate, model, usage, finish, 200)
+        check = _check_output(output_check, payload) if output_check is not None else None
+        refuse = check is not None and not check.valid and feature_route.on_invalid == "error"
+        await self._postprocess(root, ctx, key.id, estimate, model, usage, finish, 502 if refuse else 200,
+                                check=check)
+        if refuse:
+            assert check is not None
+            return _error_response(errors.error_response(
+                502, f"the model's answer does not match the requested response_format: {check.message}",
+                "server_error", code="invalid_response_format"))
         return JSONResponse(payload)
 
     def _route(self, body: dict[str, Any], feature: str | None,
@@ -176,22 +250,75 @@ class Gateway:
         decision = config.routes.choose(feature, features, self.rng)
         return decision, attempt_order(config.routes, feature, decision)
 
+    def _feature_route(self, feature: str | None) -> FeatureRoute:
+        return self.config().routes.route_for(feature)[1]
+
+    async def _retrieve(self, body: dict[str, Any], spec: RetrievalSpec, ctx: Any) -> list[Document]:
+        """The retrieval stage; a retriever that fails or is missing costs the passages, never the request."""
+        with self._stage("retrieval", ctx) as span:
+            span.set_attribute(sc.RETRIEVER, spec.retriever)
+            specs = self.config().routes.retrievers
+            if self.retrievers.needs_sync(specs):  # routes.yaml reloaded with a new or changed retriever
+                await asyncio.to_thread(self.retrievers.sync, specs)
+            retriever = self.retrievers.get(spec.retriever)
+            documents: list[Document] = []
+            error_type = None
+            if retriever is None:
+                error_type = "retriever_unavailable"
+            else:
+                try:
+                    documents = list(await retriever.retrieve(query_of(body), spec.top_k))[: spec.top_k]
+                except Exception as error:  # noqa: BLE001 - retrieval is an enhancement, not a dependency
+                    log.warning("retriever %s failed: %s", spec.retriever, error)
+                    error_type = type(error).__name__
+            self.stats.retrievals[(spec.retriever, "error" if error_type else "ok")] += 1
+            if error_type:
+                span.set_attribute(sc.ERROR_TYPE, error_type)
+                span.set_status(Status(StatusCode.ERROR, f"retrieval failed: {error_type}"))
+            span.set_attributes({sc.RETRIEVAL_DOCUMENTS: len(documents),
+                                 sc.RETRIEVAL_DOCUMENT_IDS: [doc.id for doc in documents]})
+            if self.record_content and documents:
+                self._record(span, sc.RETRIEVAL_CONTENT, lambda: json.dumps(
+                    [{"id": d.id, "source": d.source, "score": d.score, "content": self.redact(d.text)}
+                     for d in documents]))
+            return documents
+
+    def _record(self, span: Span, key: str, value: Callable[[], str]) -> None:
+        """Put (redacted) content on a span; a redactor that fails means nothing is recorded."""
+        try:
+            span.set_attribute(key, value())
+        except Exception as error:  # noqa: BLE001 - a custom hook's bug must not fail the request
+            log.warning("redaction hook failed, %s not recorded: %s", key, type(error).__name__)
+
     def _timeout(self, feature: str | None) -> float:
         routes = self.config().routes
         name = feature if feature in routes.features else routes.default
         return routes.features[name].timeout_s
 
     async def _call_upstream(self, path: str, body: dict[str, Any], attempts: list[str], ctx: Any,
-                             timeout_s: float) -> tuple[Upstream, httpx.Response, Span, str, float]:
+                             timeout_s: float, fallback_on: Collection[str] = ALL_TRIGGERS,
+                             ) -> tuple[Upstream, httpx.Response, Span, str, float]:
         """Try each model in order (fallbacks); the first 2xx answer wins. 4xx answers are the
-        client's problem and are passed back as they are; 5xx, timeouts and connection errors move
-        on to the next attempt."""
+        client's problem and are passed back as they are. A failure moves on to the next attempt
+        only when its trigger is in `fallback_on` — "error": 5xx or a connection error (502),
+        "timeout" (504), "overload": a 429/503 answer or no replica with room (503); otherwise the
+        request ends with that failure's error."""
         last_error: GatewayError | None = None
         config = self.config()
+
+        def failed(model: str, number: int, trigger: str, error: GatewayError) -> GatewayError:
+            if trigger not in fallback_on:
+                raise error
+            if number < len(attempts):
+                self.stats.fallbacks[(model, trigger)] += 1
+            return error
+
         for number, model in enumerate(attempts, start=1):
             upstream = self.pick(model)
             if upstream is None:
-                last_error = GatewayError(errors.upstream_error(503, f"no healthy replica of {model}"), "503")
+                self.stats.upstream_attempts[(model, "no_replica")] += 1
+                last_error = failed(model, number, "overload", GatewayError(errors.upstream_error(
+                    503, f"no healthy replica of {model} with room for the request", retry_after_s=1), "503"))
                 continue
             span = self.tracer.start_span(f"{sc.UPSTREAM_SPAN_PREFIX}{model}", context=ctx, kind=SpanKind.CLIENT,
                                           attributes={sc.OPERATION_NAME: "chat", sc.PROVIDER_NAME: "vllm",
@@ -203,6 +330,8 @@ class Gateway:
             headers = {"content-type": "application/json"}
             propagate.inject(headers, context=trace.set_span_in_context(span))
             upstream_body = dict(body, model=config.registry.served_name(model))
+            if self.record_content:
+                self._record(span, sc.INPUT_MESSAGES, lambda: _input_messages(upstream_body, self.redact))
             started = time.perf_counter()
             try:
                 request = self.http.build_request("POST", upstream.base_url.rstrip("/") + path, headers=headers,
@@ -210,26 +339,48 @@ class Gateway:
                                                   timeout=httpx.Timeout(timeout_s, connect=2.0))
                 response = await self.http.send(request, stream=True)
             except httpx.TimeoutException:
-                last_error = GatewayError(errors.upstream_error(504, f"{model} timed out"), "504")
+                self.stats.upstream_attempts[(model, "timeout")] += 1
+                span.set_attribute(sc.FALLBACK_TRIGGER, "timeout")
                 self._close_attempt(span, upstream, False, model, error_type="timeout")
+                last_error = failed(model, number, "timeout",
+                                    GatewayError(errors.upstream_error(504, f"{model} timed out"), "504"))
                 continue
             except httpx.TransportError as error:
-                last_error = GatewayError(errors.upstream_error(502, f"{model} unreachable"), "502")
+                self.stats.upstream_attempts[(model, "error")] += 1
+                span.set_attribute(sc.FALLBACK_TRIGGER, "error")
                 self._close_attempt(span, upstream, False, model, error_type=type(error).__name__)
+                last_error = failed(model, number, "error",
+                                    GatewayError(errors.upstream_error(502, f"{model} unreachable"), "502"))
                 continue
-            span.set_attribute(sc.HTTP_STATUS_CODE, response.status_code)
-            if response.status_code in RETRYABLE_STATUSES:
+            status = response.status_code
+            span.set_attribute(sc.HTTP_STATUS_CODE, status)
+            if status in OVERLOAD_STATUSES:
                 await response.aclose()
-                last_error = GatewayError(errors.upstream_error(502, f"{model} answered {response.status_code}"),
-                                          "502")
-                self._close_attempt(span, upstream, False, model, error_type=str(response.status_code))
+                self.stats.upstream_attempts[(model, "overload")] += 1
+                span.set_attribute(sc.FALLBACK_TRIGGER, "overload")
+                # a 429 is a busy replica, not a broken one: it stays in rotation
+                self._close_attempt(span, upstream, status == 429, model, error_type=str(status))
+                if status == 429:
+                    span.set_status(Status(StatusCode.ERROR, "upstream 429"))
+                retry_after = _retry_after(response.headers.get("retry-after"))
+                last_error = failed(model, number, "overload", GatewayError(errors.upstream_error(
+                    503, f"{model} is overloaded (answered {status})", retry_after_s=retry_after), "503"))
                 continue
-            if response.status_code >= 400:
+            if status >= 500:
+                await response.aclose()
+                self.stats.upstream_attempts[(model, "error")] += 1
+                span.set_attribute(sc.FALLBACK_TRIGGER, "error")
+                self._close_attempt(span, upstream, False, model, error_type=str(status))
+                last_error = failed(model, number, "error", GatewayError(
+                    errors.upstream_error(502, f"{model} answered {status}"), "502"))
+                continue
+            if status >= 400:
                 content = await response.aread()
                 await response.aclose()
-                self._close_attempt(span, upstream, True, model, error_type=str(response.status_code))
-                raise GatewayError(errors.ErrorResponse(response.status_code, _error_body(content), {}),
-                                   str(response.status_code))
+                self.stats.upstream_attempts[(model, "client_error")] += 1
+                self._close_attempt(span, upstream, True, model, error_type=str(status))
+                raise GatewayError(errors.ErrorResponse(status, _error_body(content), {}), str(status))
+            self.stats.upstream_attempts[(model, "ok")] += 1
             return upstream, response, span, model, started
         assert last_error is not None
         raise last_error
@@ -240,6 +391,7 @@ class Gateway:
         and finish reasons; close the spans when the stream ends (or the client goes away)."""
         usage: dict[str, Any] = {}
         finish: list[str] = []
+        texts: dict[int, list[str]] | None = {} if self.record_content else None
         first = True
         ok = False
         buffer = b""
@@ -251,13 +403,17 @@ class Gateway:
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
-                    _note_event(line, usage, finish)
+                    _note_event(line, usage, finish, texts)
                 yield chunk
             ok = True
         finally:
             await response.aclose()
+            if texts is not None:
+                self._record(span, sc.OUTPUT_MESSAGES, lambda: _messages_json(
+                    [("assistant", "".join(texts[index]), finish[index] if index < len(finish) else None)
+                     for index in sorted(texts)], self.redact))
             self._close_attempt(span, upstream, ok, model, usage, finish)
-            self._postprocess(root, ctx, key_id, estimate, model, usage, finish, 200 if ok else 499)
+            await self._postprocess(root, ctx, key_id, estimate, model, usage, finish, 200 if ok else 499)
 
     # ------------------------------------------------------------------ spans
     def _stage(self, name: str, ctx: Any) -> Any:
@@ -280,26 +436,131 @@ class Gateway:
                 span.set_status(Status(StatusCode.ERROR, f"upstream {error_type}"))
         span.end()
 
-    def _postprocess(self, root: Span, ctx: Any, key_id: str, estimate: int, model: str, usage: dict[str, Any],
-                     finish: list[str], status: int) -> None:
-        with self._stage("postprocess", ctx):
+    async def _postprocess(self, root: Span, ctx: Any, key_id: str, estimate: int, model: str,
+                           usage: dict[str, Any], finish: list[str], status: int,
+                           check: CheckResult | None = None) -> None:
+        with self._stage("postprocess", ctx) as span:
+            if check is not None:
+                self.stats.output_checks[(check.kind, str(check.valid).lower())] += 1
+                span.set_attributes({sc.POSTPROCESS_CHECK: check.kind, sc.POSTPROCESS_VALID: check.valid})
+                if check.error_type:
+                    span.set_attribute(sc.ERROR_TYPE, check.error_type)
             actual = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
-            self.limiter.settle(key_id, estimate, actual if usage else estimate)
+            await self.limiter.settle(key_id, estimate, actual if usage else estimate)
         root.set_attributes({sc.HTTP_STATUS_CODE: status, sc.RESPONSE_MODEL: model})
         if usage:
             root.set_attributes({sc.USAGE_INPUT_TOKENS: int(usage.get("prompt_tokens") or 0),
                                  sc.USAGE_OUTPUT_TOKENS: int(usage.get("completion_tokens") or 0)})
         if finish:
             root.set_attribute(sc.RESPONSE_FINISH_REASONS, finish)
+        if status >= 500:
+            root.set_attribute(sc.ERROR_TYPE, check.error_type if check and check.error_type else str(status))
+            root.set_status(Status(StatusCode.ERROR, f"answered {status}"))
+        self._count(root, status)
         root.end()
+
+    def _count(self, root: Span, status: int) -> None:
+        """The request is answered: count it on /metrics by the labels its root span carries."""
+        attributes = getattr(root, "attributes", None) or {}
+        name = getattr(root, "name", "") or ""
+        model = attributes.get(sc.RESPONSE_MODEL) or attributes.get(sc.REQUEST_MODEL) or ""
+        self.stats.requests[(name.split(" ", 1)[-1], str(status), str(attributes.get(sc.ROUTE, "")), str(model),
+                             str(attributes.get(sc.FEATURE, "")))] += 1
+        self.stats.in_flight -= 1
 
     def _finish_error(self, root: Span, error: GatewayError) -> Response:
         status = error.response.status
         root.set_attributes({sc.HTTP_STATUS_CODE: status, sc.ERROR_TYPE: error.error_type})
         if status >= 500:
             root.set_status(Status(StatusCode.ERROR, str(error)))
+        self._count(root, status)
         root.end()
         return _error_response(error.response)
+
+    # ------------------------------------------------------------------ tokenizer passthrough
+    async def tokenize(self, request: Request) -> Response:
+        return await self._tokenizer(request, "/tokenize")
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self._tokenizer(request, "/detokenize")
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        return await self._tokenizer(request, "/tokenizer_info")
+
+    async def _tokenizer(self, request: Request, path: str) -> Response:
+        """Relay a tokenizer call to a healthy replica of the model named by `model` (body, or
+        `?model=` for GET); without one, the key's only allowed model or its feature's fixed model.
+        The upstream's answer — a 404 from a vLLM without `--enable-tokenizer-info-endpoint`
+        included — is passed back as it is."""
+        span = self.tracer.start_span(f"{request.method} {path}", context=propagate.extract(request.headers),
+                                      kind=SpanKind.SERVER)
+        status = 500
+        try:
+            key = self.keys().check_authorization(request.headers.get("authorization"))
+            span.set_attributes({sc.CUSTOMER: key.customer, sc.API_KEY_ID: key.id})
+            body = await _json_body(request) if request.method == "POST" else None
+            model = self._tokenizer_model((body or {}).get("model") or request.query_params.get("model"), key,
+                                          request.headers.get(FEATURE_HEADER))
+            if not key.allows_model(model):
+                raise GatewayError(errors.permission_denied(f"this key may not use model {model!r}"), "403")
+            span.set_attribute(sc.REQUEST_MODEL, model)
+            upstream = self.pick(model)
+            if upstream is None:
+                raise GatewayError(errors.upstream_error(503, f"no healthy replica of {model}", retry_after_s=1), "503")
+            span.set_attribute(sc.REPLICA, upstream.replica)
+            headers = {"content-type": "application/json"}
+            propagate.inject(headers, context=trace.set_span_in_context(span))
+            url = upstream.base_url.rstrip("/") + path
+            served = self.config().registry.served_name(model)
+            try:
+                if body is None:
+                    response = await self.http.get(url, headers=headers, timeout=TOKENIZER_TIMEOUT_S)
+                else:
+                    response = await self.http.post(url, headers=headers, timeout=TOKENIZER_TIMEOUT_S,
+                                                    content=json.dumps(dict(body, model=served)).encode())
+            except httpx.TimeoutException:
+                upstream.done(False)
+                raise GatewayError(errors.upstream_error(504, f"{model} timed out"), "504") from None
+            except httpx.TransportError:
+                upstream.done(False)
+                raise GatewayError(errors.upstream_error(502, f"{model} unreachable"), "502") from None
+            upstream.done(response.status_code < 500)
+            status = response.status_code
+            return Response(response.content, status_code=status,
+                            media_type=response.headers.get("content-type", "application/json"))
+        except GatewayError as error:
+            status = error.response.status
+            span.set_attribute(sc.ERROR_TYPE, error.error_type)
+            return _error_response(error.response)
+        except AuthError as error:
+            status = error.status
+            return _error_response(error.to_response())
+        finally:
+            span.set_attribute(sc.HTTP_STATUS_CODE, status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR, f"answered {status}"))
+            self.stats.passthrough[(path, str(status))] += 1
+            span.end()
+
+    def _tokenizer_model(self, requested: Any, key: ApiKey, feature_header: str | None) -> str:
+        config = self.config()
+        registry = config.registry.models
+        if requested:
+            if requested in registry:
+                return str(requested)
+            by_served = {config.registry.served_name(name): name for name in registry}
+            if requested in by_served:
+                return by_served[requested]
+            raise GatewayError(errors.model_not_found(str(requested)), "404")
+        if key.allowed_models is not None and len(key.allowed_models) == 1:
+            (only,) = key.allowed_models
+            if only in registry:
+                return only
+        route = self._feature_route(key.resolve_feature(feature_header))
+        if route.model is not None:
+            return route.model
+        raise GatewayError(errors.invalid_request(
+            "name the model whose tokenizer to use: `model` in the body, or ?model= for GET", param="model"), "400")
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -318,7 +579,104 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-def _note_event(line: bytes, usage: dict[str, Any], finish: list[str]) -> None:
+def _output_check(body: dict[str, Any]) -> OutputCheck | None:
+    """The check a request's response_format asks for; 400 when its JSON schema is itself invalid."""
+    response_format = body.get("response_format")
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return OutputCheck("json_object")
+    if kind != "json_schema":
+        return None
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise GatewayError(errors.invalid_request(
+            "response_format.json_schema.schema must be a JSON schema object", param="response_format"), "400")
+    import jsonschema
+
+    try:
+        validator_class = jsonschema.validators.validator_for(schema)
+        validator_class.check_schema(schema)
+    except jsonschema.SchemaError as error:
+        raise GatewayError(errors.invalid_request(
+            f"response_format.json_schema.schema is not a valid JSON schema: {error.message}",
+            param="response_format"), "400") from None
+    return OutputCheck("json_schema", validator_class(schema))
+
+
+def _check_output(check: OutputCheck, payload: dict[str, Any]) -> CheckResult:
+    """Validate every choice's content (chat: message.content, completions: text)."""
+    import jsonschema
+
+    for choice in payload.get("choices") or []:
+        content = (choice.get("message") or {}).get("content") if "message" in choice else choice.get("text")
+        if not isinstance(content, str):
+            return CheckResult(check.kind, False, "no_content", "the answer has no text content")
+        try:
+            value = json.loads(content)
+        except ValueError as error:
+            return CheckResult(check.kind, False, "invalid_json", f"not valid JSON ({error.msg})")
+        if check.kind == "json_object" and not isinstance(value, dict):
+            return CheckResult(check.kind, False, "not_an_object", "not a JSON object")
+        if check.validator is not None:
+            problem = jsonschema.exceptions.best_match(check.validator.iter_errors(value))
+            if problem is not None:
+                return CheckResult(check.kind, False, "schema_violation",
+                                   f"at {problem.json_path}: {problem.message[:300]}")
+    return CheckResult(check.kind, True)
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return max(1.0, float(value)) if value else 1.0
+    except ValueError:
+        return 1.0
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _messages_json(messages: list[tuple[str, str, str | None]], redact: Redactor) -> str:
+    """GenAI semantic-convention messages: role, text parts (redacted), finish_reason for outputs."""
+    out = []
+    for role, text, finish_reason in messages:
+        message: dict[str, Any] = {"role": role, "parts": [{"type": "text", "content": redact(text)}]}
+        if finish_reason is not None:
+            message["finish_reason"] = finish_reason
+        out.append(message)
+    return json.dumps(out, ensure_ascii=False)
+
+
+def _input_messages(body: dict[str, Any], redact: Redactor) -> str:
+    if isinstance(body.get("messages"), list):
+        return _messages_json([(str(m.get("role", "user")), _text_of(m.get("content")), None)
+                               for m in body["messages"] if isinstance(m, dict)], redact)
+    prompt = body.get("prompt")
+    prompts = prompt if isinstance(prompt, list) else [prompt]
+    return _messages_json([("user", p, None) for p in prompts if isinstance(p, str)], redact)
+
+
+def _output_messages(payload: dict[str, Any], redact: Redactor) -> str:
+    messages = []
+    for choice in payload.get("choices") or []:
+        if "message" in choice:
+            message = choice.get("message") or {}
+            messages.append((str(message.get("role") or "assistant"), _text_of(message.get("content")),
+                             choice.get("finish_reason")))
+        else:
+            messages.append(("assistant", str(choice.get("text") or ""), choice.get("finish_reason")))
+    return _messages_json(messages, redact)
+
+
+def _note_event(line: bytes, usage: dict[str, Any], finish: list[str],
+                texts: dict[int, list[str]] | None = None) -> None:
     if not line.startswith(b"data:"):
         return
     data = line[5:].strip()
@@ -334,6 +692,11 @@ def _note_event(line: bytes, usage: dict[str, Any], finish: list[str]) -> None:
         for choice in event.get("choices") or []:
             if isinstance(choice, dict) and choice.get("finish_reason"):
                 finish.append(choice["finish_reason"])
+            if texts is not None and isinstance(choice, dict):
+                delta = choice.get("delta")
+                piece = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+                if isinstance(piece, str):
+                    texts.setdefault(int(choice.get("index") or 0), []).append(piece)
 
 
 def _error_body(content: bytes) -> dict[str, Any]:

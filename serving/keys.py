@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from collections.abc import Iterable, Mapping
@@ -37,6 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fleetlens.config import ConfigError
 from . import errors
+
+log = logging.getLogger(__name__)
 
 HASH_SCHEME = "sha256"
 FEATURE_HEADER = "X-FleetLens-Feature"
@@ -254,6 +257,10 @@ class KeyStore:
     def get(self, key_id: str) -> ApiKey | None:
         return self._by_id.get(key_id)
 
+    def replace_with(self, other: KeyStore) -> None:
+        """Take `other`'s keys (a reload): one assignment per map, so a lookup sees old or new keys."""
+        self._by_hash, self._by_id = other._by_hash, other._by_id
+
     def authenticate(self, presented_key: str) -> ApiKey | None:
         """The entry for this key (disabled ones included: the caller decides), or None."""
         if not presented_key or len(presented_key) > MAX_KEY_LENGTH:
@@ -272,3 +279,60 @@ class KeyStore:
         if entry.disabled:
             raise AuthError(AuthFailure.DISABLED_KEY)
         return entry
+
+
+class KeysWatcher:
+    """Poll-based reload of keys.yaml, for revoking and adding keys without a restart.
+
+    `check()` stats the file; when (mtime, size, inode) changed it hashes the content, and when the
+    content changed it parses it. A good file replaces the keys *inside* `store` (so everything
+    holding the store — the gateway, the limiter's limits — sees the new keys at once); a bad one
+    is logged with the parser's message, kept in `last_error`, and the previous keys stay in service.
+    """
+
+    def __init__(self, path: str | Path, store: KeyStore) -> None:
+        self.path = Path(path)
+        self.store = store
+        self.last_error: str | None = None
+        self.reloads = 0
+        self._stat = self._stat_now()
+        self._sha = self._digest()
+        self._failed_sha: str | None = None
+
+    def _stat_now(self) -> Any:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _digest(self) -> str | None:
+        try:
+            return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        except OSError:
+            return None
+
+    def check(self) -> bool:
+        """Reload if the file changed; True when new keys are now in service."""
+        stat = self._stat_now()
+        if stat == self._stat:
+            return False
+        self._stat = stat
+        sha = self._digest()
+        if sha is not None and sha == self._sha:
+            self.last_error = None  # touched or reverted
+            return False
+        if sha is not None and sha == self._failed_sha:
+            return False  # already reported
+        try:
+            fresh = KeyStore.from_yaml(self.path)
+        except ConfigError as error:
+            self._failed_sha = sha
+            self.last_error = str(error)
+            log.error("API keys not reloaded, the previous %d keys stay in service: %s", len(self.store), error)
+            return False
+        self.store.replace_with(fresh)
+        self._sha, self._failed_sha, self.last_error = sha, None, None
+        self.reloads += 1
+        log.info("API keys reloaded from %s (%d keys)", self.path, len(self.store))
+        return True

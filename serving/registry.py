@@ -143,6 +143,25 @@ class CanarySpec(_Strict):
     )
 
 
+class RetrieverSpec(_Strict):
+    """A retriever declared under routes.yaml `retrievers:` (see serving.retrieval)."""
+
+    type: Literal["bm25", "custom"] = "bm25"
+    path: str | None = Field(
+        None, description="bm25: directory of .md/.txt files, relative to routes.yaml (or absolute)."
+    )
+    refresh_s: float = Field(5.0, gt=0, description="bm25: how often changed files are looked for.")
+    factory: str | None = Field(None, description="custom: 'module:function' called as factory(name, options).")
+    options: dict[str, Any] = Field(default_factory=dict, description="custom: passed to the factory.")
+
+
+class RetrievalSpec(_Strict):
+    """A feature's retrieval stage: which declared retriever, how many passages."""
+
+    retriever: str
+    top_k: int = Field(3, ge=1, le=50)
+
+
 class FeatureRoute(_Strict):
     """How requests of one product feature are routed: exactly one of `model` or `cascade`."""
 
@@ -155,6 +174,10 @@ class FeatureRoute(_Strict):
     fallback_on: list[FallbackTrigger] = Field(default_factory=lambda: ["error", "timeout", "overload"])
     timeout_s: float = Field(60.0, gt=0, le=3600, description="Per-attempt upstream timeout.")
     max_attempts: int = Field(3, ge=1, le=10, description="Upstream attempts in all, fallbacks included.")
+    retrieval: RetrievalSpec | None = Field(None, description="Retrieval stage (RAG) for this feature.")
+    on_invalid: Literal["pass", "error"] = Field(
+        "pass", description="A completion that breaks the request's response_format: relay it, or answer 502."
+    )
 
 
 class HealthCheck(_Strict):
@@ -185,6 +208,7 @@ class RoutingTable(_Strict):
     default: str
     features: dict[str, FeatureRoute] = Field(min_length=1)
     pool: PoolSettings = Field(default_factory=PoolSettings)
+    retrievers: dict[str, RetrieverSpec] = Field(default_factory=dict)
 
     def route_for(self, feature: str | None) -> tuple[str, FeatureRoute]:
         """The feature's route, or the default feature's when it has none of its own."""
@@ -316,9 +340,27 @@ def _check_routes(table: RoutingTable, registry: ModelRegistry) -> list[_Problem
     if health.timeout_s > health.interval_s:
         problems.append(_Problem("pool.health_check.timeout_s", "must not exceed interval_s"))
 
+    for name, spec in table.retrievers.items():
+        at = f"retrievers.{name}"
+        if not _NAME.match(name):
+            problems.append(_Problem(at, "name may hold only letters, digits, '.', '_' and '-'"))
+        if spec.type == "bm25":
+            if not spec.path:
+                problems.append(_Problem(f"{at}.path", "required for a bm25 retriever (a directory of .md/.txt)"))
+            elif not Path(spec.path).is_dir():
+                problems.append(_Problem(f"{at}.path", f"{spec.path} is not a directory"))
+        elif not spec.factory or ":" not in spec.factory:
+            problems.append(_Problem(f"{at}.factory", "required for a custom retriever: 'module:function'"))
+
     for feature, route in table.features.items():
         at = f"features.{feature}"
         own: list[str] = []
+        if route.retrieval is not None and route.retrieval.retriever not in table.retrievers:
+            problems.append(_Problem(
+                f"{at}.retrieval.retriever",
+                f"names retriever {route.retrieval.retriever!r}, which is not under retrievers "
+                f"(declared: {sorted(table.retrievers)})",
+            ))
         if (route.model is None) == (route.cascade is None):
             problems.append(_Problem(at, "give exactly one of `model` or `cascade`"))
         if route.model is not None:
@@ -368,10 +410,22 @@ def _parse_routes(text: str, source: str, registry: ModelRegistry) -> RoutingTab
         table = RoutingTable.model_validate(data)
     except ValidationError as error:
         _raise(source, "routes", _problems_from(error))
+    table = _resolve_paths(table, Path(source).parent)
     problems = _check_routes(table, registry)
     if problems:
         _raise(source, "routes", problems)
     return table
+
+
+def _resolve_paths(table: RoutingTable, base: Path) -> RoutingTable:
+    """Retriever paths are relative to the routes file: make them absolute once, here."""
+    if not table.retrievers:
+        return table
+    retrievers = {
+        name: spec.model_copy(update={"path": str((base / spec.path).resolve())}) if spec.path else spec
+        for name, spec in table.retrievers.items()
+    }
+    return table.model_copy(update={"retrievers": retrievers})
 
 
 def load_routes(path: str | os.PathLike[str], registry: ModelRegistry) -> RoutingTable:
@@ -617,6 +671,7 @@ def _sha(text: str) -> str:
 
 __all__ = [
     "CanarySpec", "CascadePolicy", "ConfigError", "ConfigWatcher", "FeatureRoute", "GPUSpec", "HealthCheck",
-    "ModelRegistry", "ModelSpec", "PoolSettings", "RequestFeatures", "RouteDecision", "RoutingTable",
+    "ModelRegistry", "ModelSpec", "PoolSettings", "RequestFeatures", "RetrievalSpec", "RetrieverSpec",
+    "RouteDecision", "RoutingTable",
     "ServingConfig", "attempt_order", "choose", "difficulty", "load_models", "load_routes",
 ]

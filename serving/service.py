@@ -15,13 +15,15 @@ from collections.abc import AsyncIterator
 
 import uvicorn
 
-from fleetlens.config import ConfigError, Settings
+from fleetlens.config import ConfigError, GatewaySettings, Settings
 from fleetlens.net import is_loopback
 
 from .gateway import Gateway, Upstream, UpstreamPicker
-from .keys import KeyStore
+from .keys import KeyStore, KeysWatcher
 from .pool import HealthChecker, Pools
-from .ratelimit import InMemoryLimiter, Limits
+from .ratelimit import InMemoryLimiter, Limiter, Limits, RedisLimiter
+from .registration import ReplicaDirectory, sync_pools
+from .redaction import load_redactor
 from .registry import ConfigWatcher
 from .tracing import otlp_exporter, tracer_provider
 
@@ -49,12 +51,21 @@ def pool_picker(pools: Pools) -> UpstreamPicker:
     return pick
 
 
-def key_limits(store: KeyStore) -> InMemoryLimiter:
+def key_limits(store: KeyStore, config: GatewaySettings | None = None) -> Limiter:
+    """Per-key limits from the KeyStore, kept in Redis when `gateway.redis_url` is set (shared by
+    every replica), else in this process."""
+
     def limits_for(key_id: str) -> Limits:
         key = store.get(key_id)
         return Limits.per_minute(key.rpm if key else None, key.tpm if key else None)
 
-    return InMemoryLimiter(limits_for)
+    if config is None or not config.redis_url:
+        return InMemoryLimiter(limits_for)
+    limiter = RedisLimiter(config.redis_url, limits_for, key_prefix=config.redis_key_prefix,
+                           fail_open=config.rate_limit_fail_open, timeout_s=config.redis_timeout_s)
+    log.info("rate limits shared through %s (fail %s)", limiter.url,
+             "open" if config.rate_limit_fail_open else "closed")
+    return limiter
 
 
 def build(settings: Settings) -> tuple[Gateway, ConfigWatcher, Pools, HealthChecker]:
@@ -64,10 +75,14 @@ def build(settings: Settings) -> tuple[Gateway, ConfigWatcher, Pools, HealthChec
     store = KeyStore.from_yaml(config.keys_file)
     pools = Pools(watcher.config.registry, watcher.config.routes.pool)
     endpoint = config.otlp_endpoint or f"http://127.0.0.1:{settings.collector.http_port}"
-    provider, _stats = tracer_provider(otlp_exporter(endpoint))
-    gateway = Gateway(lambda: watcher.config, lambda: store, key_limits(store), pool_picker(pools),
+    redact = load_redactor(config.redaction_hook)
+    provider, export_stats = tracer_provider(otlp_exporter(endpoint))
+    gateway = Gateway(lambda: watcher.config, lambda: store, key_limits(store, config), pool_picker(pools),
                       provider.get_tracer("fleetlens.gateway"), record_content=config.record_content,
                       connect_timeout_s=config.connect_timeout_s, rng=random.Random())
+    gateway.redact = redact
+    gateway.observe(pools.snapshot, export_stats)
+    gateway.keys_watcher = KeysWatcher(config.keys_file, store)  # reloaded in place by _reload
     return gateway, watcher, pools, HealthChecker(pools)
 
 
@@ -81,11 +96,13 @@ def run(settings: Settings) -> None:
     @contextlib.asynccontextmanager
     async def lifespan(_app: object) -> AsyncIterator[None]:
         checker.start()
-        reload_task = asyncio.create_task(_reload(watcher, pools, config.reload_interval_s))
+        reload_task = asyncio.create_task(_reload(watcher, pools, config.reload_interval_s, gateway.keys_watcher))
+        replicas_task = asyncio.create_task(_follow_replicas(ReplicaDirectory(settings.replicas_path), pools))
         try:
             yield
         finally:
             reload_task.cancel()
+            replicas_task.cancel()
             await checker.stop()
             await gateway.aclose()
 
@@ -93,12 +110,26 @@ def run(settings: Settings) -> None:
     uvicorn.run(gateway.app, host=config.host, port=config.port, log_level="warning", access_log=False)
 
 
-async def _reload(watcher: ConfigWatcher, pools: Pools, interval_s: float) -> None:
+async def _reload(watcher: ConfigWatcher, pools: Pools, interval_s: float,
+                  keys: KeysWatcher | None = None) -> None:
     while True:
         await asyncio.sleep(interval_s)
+        if keys is not None:
+            keys.check()  # a bad keys.yaml is logged and the old keys stay
         try:
             if watcher.check():
                 pools.update(watcher.config.registry, watcher.config.routes.pool)
                 log.info("configuration reloaded")
         except ConfigError as error:  # check() keeps the old config; this is belt and braces
             log.error("%s", error)
+
+
+async def _follow_replicas(directory: ReplicaDirectory, pools: Pools, interval_s: float = 1.0) -> None:
+    """Keep the pools' launched replicas in step with the replica directory (`fleetlens serve replica`)."""
+    while True:
+        try:
+            records = await asyncio.to_thread(directory.records)
+            sync_pools(pools, records)
+        except Exception:  # noqa: BLE001 - a bad record must not stop the loop that serves good ones
+            log.exception("reading the replica directory %s failed", directory.path)
+        await asyncio.sleep(interval_s)

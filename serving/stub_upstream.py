@@ -9,7 +9,10 @@ instead. It speaks the parts of vLLM's OpenAI server the gateway touches, in the
   (`data: {...}\\n\\n` chunks, a final chunk carrying `finish_reason`, then `data: [DONE]`); with
   `stream_options.include_usage` every chunk has `"usage": null` and one extra chunk with empty
   `choices` carries the usage, as OpenAI and vLLM do;
-* `POST /tokenize` like vLLM's (`{"tokens": [...], "count": n, "max_model_len": m}`).
+* `POST /tokenize` like vLLM's (`{"tokens": [...], "count": n, "max_model_len": m}`), `POST /detokenize`
+  (`{"tokens": [...]}` → `{"prompt": "..."}`: words this stub has tokenized, `<id>` for others) and
+  `GET /tokenizer_info` (a small tokenizer_config; 404 with `tokenizer_info=False`, like a vLLM started
+  without `--enable-tokenizer-info-endpoint`).
 
 Output is deterministic: the completion repeats the prompt's whitespace-separated words in order
 (cycling), `completion_tokens` of them. Token counts are therefore *whitespace* counts, not a real
@@ -55,6 +58,10 @@ from fleetlens.net import free_port, is_loopback
 log = logging.getLogger(__name__)
 
 VOCAB_SIZE = 32_000  # token ids from /tokenize are crc32(word) % VOCAB_SIZE: stable, not meaningful
+# Words seen by /tokenize in this process, for /detokenize: shared by every stub instance, as replicas
+# of one model share a tokenizer (a request may tokenize on one replica and detokenize on another).
+_SEEN_WORDS: dict[int, str] = {}
+_MAX_SEEN_WORDS = 100_000
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ class StubConfig:
     max_model_len: int = 4096
     record_requests: int = 100  # how many API requests' headers /admin/requests keeps
     seed: int = 0  # of the fail_rate draws, so a failing test replays
+    tokenizer_info: bool = True  # serve GET /tokenizer_info (vLLM: --enable-tokenizer-info-endpoint)
 
 
 @dataclass
@@ -245,7 +253,29 @@ def make_app(config: StubConfig | None = None) -> Starlette:
         if text is None:
             return _error(400, "give `prompt` (a string) or `messages`", "BadRequestError")
         tokens = [zlib.crc32(word.encode()) % VOCAB_SIZE for word in text.split()]
+        if len(_SEEN_WORDS) < _MAX_SEEN_WORDS:
+            _SEEN_WORDS.update(zip(tokens, text.split()))
         return _json({"tokens": tokens, "count": len(tokens), "max_model_len": config.max_model_len})
+
+    async def detokenize(request: Request) -> Response:
+        record(request)
+        body = await read_body(request)
+        if isinstance(body, Response):
+            return body
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            return _error(400, "`tokens` must be a list of integers", "BadRequestError")
+        return _json({"prompt": " ".join(_SEEN_WORDS.get(t, f"<{t}>") for t in tokens)})
+
+    async def tokenizer_info(request: Request) -> Response:
+        record(request)
+        if not config.tokenizer_info:
+            return _json({"detail": "Not Found"}, 404)  # FastAPI's answer for a route that is not there
+        return _json({
+            "tokenizer_class": "StubWhitespaceTokenizer", "model_max_length": config.max_model_len,
+            "bos_token": "<s>", "eos_token": "</s>", "pad_token": None,
+            "chat_template": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}",
+        })
 
     async def generate(request: Request, chat: bool) -> Response:
         record(request)
@@ -337,6 +367,8 @@ def make_app(config: StubConfig | None = None) -> Starlette:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/tokenizer_info", tokenizer_info, methods=["GET"]),
         Route("/admin/behaviour", set_behaviour, methods=["POST"]),
         Route("/admin/behaviour", get_behaviour, methods=["GET"]),
         Route("/admin/requests", get_requests, methods=["GET"]),
@@ -464,9 +496,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fail-status", type=int, default=500)
     parser.add_argument("--completion-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    # Stand-in for vLLM under `fleetlens serve replica` (replica.engine_command): take vLLM's flags.
+    parser.add_argument("--served-model-name", default=None, help="served model name (overrides --model)")
+    parser.add_argument("--startup-delay-s", type=float, default=0.0, help="sleep before listening (a load time)")
+    args, ignored = parser.parse_known_args(argv)
+    if ignored:
+        logging.getLogger(__name__).info("ignoring vLLM arguments %s", ignored)
+    time.sleep(args.startup_delay_s)
     config = StubConfig(
-        model=args.model, latency_ms=args.latency_ms, tokens_per_s=args.tokens_per_s,
+        model=args.served_model_name or args.model, latency_ms=args.latency_ms, tokens_per_s=args.tokens_per_s,
         fail_rate=args.fail_rate, fail_status=args.fail_status,
         completion_tokens=args.completion_tokens, seed=args.seed,
     )

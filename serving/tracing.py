@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -23,6 +24,7 @@ from fleetlens.semconv import GATEWAY_SERVICE
 class ExportStats:
     exported_spans: int = 0
     failed_spans: int = 0
+    dropped_spans: int = 0  # the export queue was full (collector slow or down for long)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, ok: bool, count: int) -> None:
@@ -55,13 +57,30 @@ class CountingExporter(SpanExporter):
         return self.inner.force_flush(timeout_millis)
 
 
+class CountingBatchSpanProcessor(BatchSpanProcessor):
+    """A BatchSpanProcessor that counts the spans it drops because its queue is full."""
+
+    def __init__(self, exporter: SpanExporter, stats: ExportStats, **kwargs: Any) -> None:
+        super().__init__(exporter, **kwargs)
+        self.stats = stats
+        self._max_queue = kwargs.get("max_queue_size") or 2048
+
+    def on_end(self, span: ReadableSpan) -> None:
+        queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
+        if queue is not None and len(queue) >= self._max_queue:
+            with self.stats._lock:
+                self.stats.dropped_spans += 1
+        super().on_end(span)
+
+
 def tracer_provider(exporter: SpanExporter, *, service_name: str = GATEWAY_SERVICE,
                     stats: ExportStats | None = None) -> tuple[TracerProvider, ExportStats]:
     """A provider whose spans are batched to `exporter` (counted)."""
     stats = stats or ExportStats()
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    provider.add_span_processor(BatchSpanProcessor(CountingExporter(exporter, stats), max_queue_size=16_384,
-                                                   schedule_delay_millis=500, max_export_batch_size=2048))
+    provider.add_span_processor(CountingBatchSpanProcessor(CountingExporter(exporter, stats), stats,
+                                                           max_queue_size=16_384, schedule_delay_millis=500,
+                                                           max_export_batch_size=2048))
     return provider, stats
 
 

@@ -105,3 +105,33 @@ def test_a_replica_going_away_is_routed_around(stack) -> None:
                 for _ in range(5)]
     assert statuses == [200] * 5
     assert stack["large"].state.requests_total - before == 5
+
+
+def test_metrics_and_tokenizer_passthrough_on_the_real_gateway(stack) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    headers = {"authorization": f"Bearer {stack['key']}"}
+    body = {"model": "auto", "max_tokens": 3, "messages": [{"role": "user", "content": "hello"}]}
+    assert httpx.post(stack["base"] + "/v1/chat/completions", json=body, headers=headers, timeout=30).status_code == 200
+    tokens = httpx.post(stack["base"] + "/tokenize", json={"prompt": "count these words"}, headers=headers, timeout=30)
+    assert tokens.status_code == 200 and tokens.json()["count"] == 3  # the key's feature's model: small
+    back = httpx.post(stack["base"] + "/detokenize", json={"model": "small", "tokens": tokens.json()["tokens"]},
+                      headers=headers, timeout=30)
+    assert back.json() == {"prompt": "count these words"}
+    assert httpx.get(stack["base"] + "/tokenizer_info?model=large", headers=headers, timeout=30).status_code == 200
+    assert httpx.post(stack["base"] + "/tokenize", json={"prompt": "x"}, timeout=30).status_code == 401
+
+    def scrape() -> dict[str, list]:
+        text = httpx.get(stack["base"] + "/metrics", timeout=30).text  # no API key
+        return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+    metrics = wait_for(lambda: (m := scrape()) and m["fleetlens_gateway_spans_exported"][0].value > 0 and m,
+                       timeout_s=30)
+    requests = {(s.labels["endpoint"], s.labels["status"], s.labels["model"]): s.value
+                for s in metrics["fleetlens_gateway_requests"]}
+    assert requests[("/v1/chat/completions", "200", "small")] == 1
+    assert {s.labels["model"] for s in metrics["fleetlens_gateway_replica_healthy"]} == {"small", "large"}
+    assert sum(s.value for s in metrics["fleetlens_gateway_replica_outstanding"]) == 0
+    tokenizer = {(s.labels["endpoint"], s.labels["status"]): s.value for s in metrics["fleetlens_gateway_tokenizer_requests"]}
+    assert tokenizer[("/tokenize", "200")] == 1 and tokenizer[("/tokenize", "401")] == 1
+    assert metrics["fleetlens_gateway_spans_dropped"][0].value == 0

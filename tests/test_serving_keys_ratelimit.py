@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import threading
@@ -215,24 +216,36 @@ def _limiter(rpm=None, tpm=None, **kwargs) -> tuple[InMemoryLimiter, FakeClock]:
     return InMemoryLimiter(lambda _key: Limits.per_minute(rpm, tpm), clock=clock, **kwargs), clock
 
 
-def test_in_memory_limiter_satisfies_protocol():
-    limiter: Limiter = _limiter(rpm=1)[0]
-    assert isinstance(limiter.check("k"), Decision)
+def test_in_memory_limiter_satisfies_async_protocol():
+    """The gateway awaits `check` / `settle`; they are the synchronous core at the clock's time
+    (the tests below drive `check_sync` / `settle_sync` with a fake clock)."""
+    limiter, _ = _limiter(rpm=2, tpm=100)
+    as_protocol: Limiter = limiter
+
+    async def run() -> list[Decision]:
+        first = await as_protocol.check("k", tokens_estimate=60)
+        await as_protocol.settle("k", reserved=60, actual=10)  # 50 refunded
+        return [first, await as_protocol.check("k", tokens_estimate=90), await as_protocol.check("k")]
+
+    first, second, third = asyncio.run(run())
+    assert first.allowed and first.remaining_tokens == 40
+    assert second.allowed and second.remaining_tokens == 0 and second.remaining_requests == 0
+    assert not third.allowed and third.limit_name == REQUESTS
 
 
 def test_burst_up_to_capacity_then_429_with_retry_after():
     limiter, clock = _limiter(rpm=60)  # 1 request/s, burst 60
-    decisions = [limiter.check("k") for _ in range(60)]
+    decisions = [limiter.check_sync("k") for _ in range(60)]
     assert all(d.allowed for d in decisions)
     assert decisions[-1].remaining == 0 and decisions[0].remaining == 59
-    refused = limiter.check("k")
+    refused = limiter.check_sync("k")
     assert not refused.allowed and refused.limit_name == REQUESTS
     assert refused.retry_after_s == pytest.approx(1.0)
     clock.now += 0.999
-    assert not limiter.check("k").allowed
-    assert limiter.check("k").retry_after_s == pytest.approx(0.001)
+    assert not limiter.check_sync("k").allowed
+    assert limiter.check_sync("k").retry_after_s == pytest.approx(0.001)
     clock.now += 0.001
-    assert limiter.check("k").allowed
+    assert limiter.check_sync("k").allowed
     status, body, headers = refused.error_response()
     assert status == 429 and headers["Retry-After"] == "1"
     assert body["error"] == {
@@ -243,111 +256,111 @@ def test_burst_up_to_capacity_then_429_with_retry_after():
 def test_retry_after_is_exactly_enough():
     limiter, clock = _limiter(rpm=7)
     for _ in range(7):
-        assert limiter.check("k").allowed
-    wait = limiter.check("k").retry_after_s
+        assert limiter.check_sync("k").allowed
+    wait = limiter.check_sync("k").retry_after_s
     assert wait == pytest.approx(60 / 7, abs=1e-5)
     clock.now += wait
-    assert limiter.check("k").allowed
+    assert limiter.check_sync("k").allowed
 
 
 def test_refill_over_time_caps_at_capacity():
     limiter, clock = _limiter(rpm=120)
     for _ in range(120):
-        limiter.check("k")
+        limiter.check_sync("k")
     clock.now += 10  # 20 requests' worth
-    assert sum(limiter.check("k").allowed for _ in range(25)) == 20
+    assert sum(limiter.check_sync("k").allowed for _ in range(25)) == 20
     clock.now += 3600  # long idle: back to capacity, not beyond
-    assert sum(limiter.check("k").allowed for _ in range(200)) == 120
+    assert sum(limiter.check_sync("k").allowed for _ in range(200)) == 120
 
 
 def test_keys_are_independent_and_unlimited_keys_pass():
     limiter, _ = _limiter(rpm=1)
-    assert limiter.check("a").allowed and not limiter.check("a").allowed
-    assert limiter.check("b").allowed
+    assert limiter.check_sync("a").allowed and not limiter.check_sync("a").allowed
+    assert limiter.check_sync("b").allowed
     free, _ = _limiter()
-    assert all(free.check("k", tokens_estimate=10**9).allowed for _ in range(1000))
+    assert all(free.check_sync("k", tokens_estimate=10**9).allowed for _ in range(1000))
     assert len(free) == 0
 
 
 def test_tokens_bucket_reserve_then_refund():
     limiter, _ = _limiter(tpm=1000)
-    first = limiter.check("k", tokens_estimate=600)  # prompt 100 + max_tokens 500
+    first = limiter.check_sync("k", tokens_estimate=600)  # prompt 100 + max_tokens 500
     assert first.allowed and first.remaining_tokens == 400
-    refused = limiter.check("k", tokens_estimate=600)
+    refused = limiter.check_sync("k", tokens_estimate=600)
     assert not refused.allowed and refused.limit_name == TOKENS
     assert refused.retry_after_s == pytest.approx(200 * 60 / 1000)
-    limiter.settle("k", reserved=600, actual=150)  # 450 refunded
-    assert limiter.check("k", tokens_estimate=600).allowed
-    assert limiter.check("k", tokens_estimate=250).remaining_tokens == 0
+    limiter.settle_sync("k", reserved=600, actual=150)  # 450 refunded
+    assert limiter.check_sync("k", tokens_estimate=600).allowed
+    assert limiter.check_sync("k", tokens_estimate=250).remaining_tokens == 0
 
 
 def test_tokens_bucket_charges_overrun_as_debt():
     limiter, clock = _limiter(tpm=600)  # 10 tokens/s
-    assert limiter.check("k", tokens_estimate=100).allowed
-    limiter.settle("k", reserved=100, actual=900)  # 800 over: 600 - 900 = -300 units of debt
-    refused = limiter.check("k", tokens_estimate=10)
+    assert limiter.check_sync("k", tokens_estimate=100).allowed
+    limiter.settle_sync("k", reserved=100, actual=900)  # 800 over: 600 - 900 = -300 units of debt
+    refused = limiter.check_sync("k", tokens_estimate=10)
     assert not refused.allowed and refused.retry_after_s == pytest.approx(31.0)  # (300 + 10) / 10
     clock.now += 31
-    assert limiter.check("k", tokens_estimate=10).allowed
+    assert limiter.check_sync("k", tokens_estimate=10).allowed
 
 
 def test_refund_never_exceeds_capacity_and_debt_is_bounded():
     limiter, clock = _limiter(tpm=100)
-    assert limiter.check("k", tokens_estimate=10).allowed
-    limiter.settle("k", reserved=10, actual=0)
-    limiter.settle("k", reserved=1000, actual=0)  # bogus big refund
-    assert limiter.check("k", tokens_estimate=100).allowed
-    assert not limiter.check("k", tokens_estimate=1).allowed
-    limiter.settle("k", reserved=0, actual=10**6)  # floored at -capacity: 120 s to recover
+    assert limiter.check_sync("k", tokens_estimate=10).allowed
+    limiter.settle_sync("k", reserved=10, actual=0)
+    limiter.settle_sync("k", reserved=1000, actual=0)  # bogus big refund
+    assert limiter.check_sync("k", tokens_estimate=100).allowed
+    assert not limiter.check_sync("k", tokens_estimate=1).allowed
+    limiter.settle_sync("k", reserved=0, actual=10**6)  # floored at -capacity: 120 s to recover
     clock.now += 120
-    assert limiter.check("k", tokens_estimate=100).allowed
+    assert limiter.check_sync("k", tokens_estimate=100).allowed
 
 
 def test_request_larger_than_capacity_can_never_fit():
     limiter, _ = _limiter(rpm=10, tpm=1000)
-    decision = limiter.check("k", tokens_estimate=5000)
+    decision = limiter.check_sync("k", tokens_estimate=5000)
     assert not decision.allowed and decision.retry_after_s is None and decision.limit_name == TOKENS
     status, body, headers = decision.error_response()
     assert status == 429 and "Retry-After" not in headers and "too large" in body["error"]["message"]
-    assert limiter.check("k").remaining_requests == 9  # the refused request charged nothing
+    assert limiter.check_sync("k").remaining_requests == 9  # the refused request charged nothing
 
 
 def test_refusal_charges_neither_bucket():
     limiter, _ = _limiter(rpm=2, tpm=100)
-    assert limiter.check("k", tokens_estimate=100).allowed
-    assert not limiter.check("k", tokens_estimate=50).allowed  # tokens refuse...
-    assert limiter.check("k", tokens_estimate=0).remaining_requests == 0  # ...requests bucket untouched
+    assert limiter.check_sync("k", tokens_estimate=100).allowed
+    assert not limiter.check_sync("k", tokens_estimate=50).allowed  # tokens refuse...
+    assert limiter.check_sync("k", tokens_estimate=0).remaining_requests == 0  # ...requests bucket untouched
 
 
 def test_limits_change_takes_effect():
     limits = {"k": Limits.per_minute(rpm=10)}
     limiter = InMemoryLimiter(lambda key: limits[key], clock=FakeClock())
     for _ in range(5):
-        limiter.check("k")
+        limiter.check_sync("k")
     limits["k"] = Limits.per_minute(rpm=3)  # 5 left, clamped to the new capacity 3
-    assert [limiter.check("k").allowed for _ in range(4)] == [True, True, True, False]
+    assert [limiter.check_sync("k").allowed for _ in range(4)] == [True, True, True, False]
     limits["k"] = Limits()  # limit removed: unlimited at once
-    assert limiter.check("k").allowed
+    assert limiter.check_sync("k").allowed
 
 
 def test_eviction_bounds_memory_and_full_buckets_vanish():
     limiter, clock = _limiter(rpm=60, max_keys=50, sweep_interval_s=60)
     for i in range(1000):
-        limiter.check(f"key-{i}")
+        limiter.check_sync(f"key-{i}")
         assert len(limiter) <= 50
     assert limiter.evicted_active == 950
     clock.now += 61  # every bucket full again
     assert limiter.sweep() == 50 and len(limiter) == 0
     # A swept (full) key behaves exactly like before: a full burst.
-    assert sum(limiter.check("key-999").allowed for _ in range(70)) == 60
+    assert sum(limiter.check_sync("key-999").allowed for _ in range(70)) == 60
 
 
 def test_periodic_sweep_runs_from_check():
     limiter, clock = _limiter(rpm=60, sweep_interval_s=60)
     for i in range(100):
-        limiter.check(f"key-{i}")
+        limiter.check_sync(f"key-{i}")
     clock.now += 61
-    limiter.check("fresh")
+    limiter.check_sync("fresh")
     assert len(limiter) == 1
 
 
@@ -356,7 +369,7 @@ def test_thread_safety_never_over_admits():
     allowed = []
 
     def worker():
-        allowed.append(sum(limiter.check("k").allowed for _ in range(200)))
+        allowed.append(sum(limiter.check_sync("k").allowed for _ in range(200)))
 
     threads = [threading.Thread(target=worker) for _ in range(8)]
     for thread in threads:
@@ -379,7 +392,7 @@ def test_property_window_never_exceeds_rpm_plus_burst(rpm, burst, gaps_ms):
     now_ms, admitted = 0, []
     for gap in gaps_ms:
         now_ms += gap
-        if limiter.check("k", now=now_ms / 1000).allowed:
+        if limiter.check_sync("k", now=now_ms / 1000).allowed:
             admitted.append(now_ms)
     bound = rpm + limit.capacity
     for i, start in enumerate(admitted):
@@ -393,10 +406,10 @@ def test_property_tokens_never_go_past_capacity_or_debt_floor(steps):
     limiter, clock = _limiter(tpm=1000)
     for gap_ms, estimate, actual in steps:
         clock.now += gap_ms / 1000
-        decision = limiter.check("k", tokens_estimate=estimate)
+        decision = limiter.check_sync("k", tokens_estimate=estimate)
         assert decision.remaining_tokens is not None and 0 <= decision.remaining_tokens <= 1000
         if decision.allowed:
-            limiter.settle("k", reserved=estimate, actual=actual)
+            limiter.settle_sync("k", reserved=estimate, actual=actual)
         else:
             # Worst case: a full capacity of debt plus a full-capacity request, at 1000/60 tokens/s.
             assert decision.retry_after_s is not None and 0 < decision.retry_after_s <= 120 + 1e-6

@@ -194,6 +194,7 @@ def test_every_problem_is_reported_at_once(tmp_path, registry):
 def files(tmp_path):
     models = write(tmp_path / "models.yaml", (EXAMPLES / "models.yaml").read_text())
     routes = write(tmp_path / "routes.yaml", (EXAMPLES / "routes.yaml").read_text())
+    (tmp_path / "docs").symlink_to(EXAMPLES / "docs")  # the example's retriever directory, relative to routes.yaml
     return models, routes
 
 

@@ -1,0 +1,652 @@
+"""Gateway overhead: the latency `fleetlens gateway` adds over calling the same upstream directly,
+side by side with LiteLLM's proxy in front of the same upstream.
+
+    .venv/bin/python bench/gateway_overhead.py [--concurrency 50,1] [--seconds 5] [--rounds 3]
+        [--max-concurrency 64] [--max-seconds 10] [--completion-tokens 4] [--tokens-per-s 0]
+        [--litellm/--no-litellm] [--profile] [--json results.json]
+
+What runs (every child in its own process group on loopback ports, always stopped):
+- upstream: the stub upstream (`python -m fleetlens.serving.stub_upstream`, zero added delay), in its
+  own process, answering streams of `--completion-tokens` content chunks + a finish chunk + a usage
+  chunk + [DONE] as fast as it can (`--tokens-per-s` paces them instead);
+- `fleetlens gateway` (one uvicorn process) with tracing ON: spans go over OTLP/HTTP to a real
+  `fleetlens collector`, which writes them to an embedded warehouse (`fleetlens warehouse serve`),
+  as in the end-to-end tests; all three run on this machine, so their CPU is part of the cost;
+- LiteLLM's proxy (`litellm[proxy]==1.106.2` in a throwaway venv, `--litellm-venv`, created when
+  missing): one model `openai/stub-model` pointing at the stub, no database, logging off, one worker.
+
+The load client is this process: raw asyncio (uvloop) over HTTP/1.1 keep-alive sockets, one per
+concurrent stream, requests pre-serialized, chunked responses decoded by hand (~30 µs of client CPU
+per request, where httpx costs ~10x that), so on 2 cores it does not become the bottleneck; its
+CPU share is printed. Each stream is closed-loop: send, read to the last chunk, send the next.
+
+Measured:
+1. latency at each `--concurrency` (default 50 concurrent streams, and 1): `--rounds` rounds of
+   direct → gateway → LiteLLM phases of `--seconds` each (interleaved, so drift from other users of
+   the machine hits all targets alike); p50/p99 of request latency (send → last chunk) and TTFB,
+   added latency = target percentile − direct percentile; CPU ms per request of the server process;
+2. paired added latency at concurrency 1: one stream alternating direct and proxied requests (one
+   proxy at a time), the per-request difference proxied − the direct request just before it;
+3. max requests/s: closed loop at `--max-concurrency` for `--max-seconds` per target.
+
+Closed-loop at 50 streams against a zero-delay upstream keeps every process saturated, so latency
+there is mostly queueing: latency ≈ concurrency / throughput, and the added latency ≈ 50 x the
+gateway's CPU per request. CPU ms per request (and max req/s) are the stable numbers; latencies
+move with whatever else the machine runs. Bar: p99 added latency <= 5 ms at 50 concurrent streams;
+goal: below LiteLLM's.
+
+--profile runs `py-spy record` on the gateway during its first phase at each concurrency and prints
+the top functions by self and total time, and self time by package (summary saved in bench/profiles/,
+raw stacks in the temp dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from fleetlens.net import free_port, wait_http  # noqa: E402
+
+LITELLM_VERSION = "1.106.2"
+BAR_ADDED_P99_MS = 5.0
+MODEL = "stub-model"
+LITELLM_KEY = "sk-fleetlens-bench-" + os.urandom(8).hex()  # its master key (no DB: the only key)
+console = Console(width=140)
+
+
+# ======================================================================= child processes
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Child:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**clean_env(), **self.env}, start_new_session=True)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if not self.alive:
+            return
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the child and its descendants (0 for the ones gone)."""
+        if not self.alive:
+            return 0.0
+        total = 0.0
+        try:
+            root = psutil.Process(self.process.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                try:
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        return total
+
+
+def clean_env() -> dict[str, str]:
+    """This environment less FLEETLENS_* settings (each child gets exactly the ones it is given)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
+
+
+class Stack:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.children: list[Child] = []
+
+    def add(self, child: Child) -> Child:
+        self.children.append(child.start())
+        return child
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+
+
+def fleetlens(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fleetlens", *args]
+
+
+def start_upstream(stack: Stack, args: argparse.Namespace) -> str:
+    port = free_port()
+    argv = [sys.executable, "-m", "fleetlens.serving.stub_upstream", "--port", str(port), "--model", MODEL,
+            "--completion-tokens", str(args.completion_tokens)]
+    if args.tokens_per_s:
+        argv += ["--tokens-per-s", str(args.tokens_per_s)]
+    child = stack.add(Child("upstream", argv, stack.work / "upstream.log"))
+    url = f"http://127.0.0.1:{port}"
+    if not wait_http(url + "/health", 30, alive=lambda: child.alive):
+        raise RuntimeError(f"stub upstream did not start: {child.tail()}")
+    return url
+
+
+def start_gateway(stack: Stack, upstream: str) -> tuple[str, str, Child, list[Child]]:
+    """Warehouse + schema + collector + gateway (tracing to the collector); returns URL, key, gateway, collector."""
+    import clickhouse_connect
+
+    from fleetlens.schema import RenderOptions, migrate
+    from fleetlens.serving.keys import generate_key
+
+    work = stack.work
+    wh_port = free_port()
+    warehouse = stack.add(Child("warehouse", fleetlens("warehouse", "serve", "--path", str(work / "warehouse"),
+                                                        "--port", str(wh_port), "--log-level", "warning"),
+                                work / "warehouse.log"))
+    if not wait_http(f"http://127.0.0.1:{wh_port}/ping", 90, alive=lambda: warehouse.alive):
+        raise RuntimeError(f"warehouse did not start: {warehouse.tail()}")
+    migrate(clickhouse_connect.get_client(host="127.0.0.1", port=wh_port), RenderOptions(database="bench"))
+    grpc_port, http_port = free_port(), free_port()
+    env = {"FLEETLENS_WAREHOUSE_URL": f"http://default@127.0.0.1:{wh_port}/bench",
+           "FLEETLENS_DATA_DIR": str(work / "collector")}
+    collector = stack.add(Child("collector", fleetlens("collector", "--otlp-grpc-port", str(grpc_port),
+                                                        "--otlp-http-port", str(http_port), "--log-level", "warning"),
+                                work / "collector.log", env))
+    if not wait_http(f"http://127.0.0.1:{http_port}/health", 60, alive=lambda: collector.alive):
+        raise RuntimeError(f"collector did not start: {collector.tail()}")
+    (work / "models.yaml").write_text(textwrap.dedent(f"""\
+        models:
+          stub:
+            path: /models/stub
+            served_name: {MODEL}
+            variant: bf16
+            gpu: {{type: cpu, count: 1}}
+            replicas: 0
+            replica_urls: [{upstream}]
+        """))
+    (work / "routes.yaml").write_text("default: chat\nfeatures:\n  chat:\n    model: stub\n    max_attempts: 1\n")
+    key, digest = generate_key()
+    (work / "keys.yaml").write_text(f"- {{id: bench, customer: bench, hash: '{digest}', feature: chat}}\n")
+    port = free_port()
+    env = {"FLEETLENS_GATEWAY__OTLP_ENDPOINT": f"http://127.0.0.1:{http_port}",
+           "FLEETLENS_DATA_DIR": str(work / "gateway")}
+    gateway = Child("gateway", fleetlens("gateway", "--port", str(port), "--models", str(work / "models.yaml"),
+                                         "--routes", str(work / "routes.yaml"), "--keys", str(work / "keys.yaml"),
+                                         "--log-level", "warning"), work / "gateway.log", env)
+    stack.add(gateway)
+    url = f"http://127.0.0.1:{port}"
+    if not wait_http(url + "/health", 60, alive=lambda: gateway.alive):
+        raise RuntimeError(f"gateway did not start: {gateway.tail()}")
+    return url, key, gateway, [collector, warehouse]
+
+
+def ensure_litellm(venv: Path) -> Path:
+    """The `litellm` executable in `venv`, installing litellm[proxy] there when missing."""
+    exe = venv / "bin" / "litellm"
+    if exe.exists():
+        return exe
+    console.print(f"installing litellm[proxy]=={LITELLM_VERSION} into {venv} (once; a few minutes)...")
+    python = shutil.which("python3.11") or sys.executable
+    subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True)
+    done = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"litellm[proxy]=={LITELLM_VERSION}"],
+                          capture_output=True, text=True)
+    if done.returncode != 0 or not exe.exists():
+        raise RuntimeError(f"pip install litellm[proxy] failed: {done.stderr[-1500:]}")
+    return exe
+
+
+def start_litellm(stack: Stack, upstream: str, venv: Path) -> tuple[str, Child]:
+    exe = ensure_litellm(venv)
+    config = stack.work / "litellm.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        model_list:
+          - model_name: {MODEL}
+            litellm_params:
+              model: openai/{MODEL}
+              api_base: {upstream}/v1
+              api_key: sk-bench
+        litellm_settings:
+          telemetry: false
+          set_verbose: false
+          turn_off_message_logging: true
+        general_settings: {{}}
+        """))
+    port = free_port()
+    env = {"LITELLM_MASTER_KEY": LITELLM_KEY, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "LITELLM_MODE": "PRODUCTION",
+           "DISABLE_ADMIN_UI": "True", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "NO_DOCS": "True"}
+    child = stack.add(Child("litellm", [str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+                                        "--num_workers", "1"], stack.work / "litellm.log", env))
+    url = f"http://127.0.0.1:{port}"
+    if not wait_http(url + "/health/liveliness", 180, alive=lambda: child.alive, interval_s=0.5):
+        raise RuntimeError(f"litellm proxy did not start: {child.tail()}")
+    return url, child
+
+
+# ======================================================================= the client
+@dataclass
+class Target:
+    name: str
+    url: str
+    headers: dict[str, str]
+    body: dict
+    server: Child | None = None  # whose CPU is charged per request
+    extra: list[Child] = field(default_factory=list)  # and what else it makes work (span collector, warehouse)
+
+    def request(self) -> bytes:
+        host = self.url.removeprefix("http://")
+        payload = json.dumps(self.body).encode()
+        lines = [f"POST /v1/chat/completions HTTP/1.1", f"Host: {host}", "Content-Type: application/json",
+                 f"Content-Length: {len(payload)}", *(f"{k}: {v}" for k, v in self.headers.items())]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.url.removeprefix("http://").split(":")
+        return host, int(port)
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; `call` sends a pre-built request and reads the whole answer."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.request = target.request()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def call(self) -> tuple[float, float, bool]:
+        """(latency s, time to the first body bytes s, ok: 200 and the stream ended with [DONE])."""
+        if self.writer is None or self.writer.is_closing():
+            self.reader, self.writer = await asyncio.open_connection(*self.target.address)
+        reader, writer = self.reader, self.writer
+        started = time.perf_counter()
+        writer.write(self.request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        lower = head.lower()
+        first = 0.0
+        tail = b""
+        close = b"connection: close" in lower
+        if b"transfer-encoding: chunked" in lower:
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if not first:
+                    first = time.perf_counter() - started
+                if size == 0:
+                    await reader.readuntil(b"\r\n")
+                    break
+                data = await reader.readexactly(size + 2)
+                tail = (tail + data[:-2])[-64:]
+        else:
+            length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0]) if b"content-length:" in lower else 0
+            tail = (await reader.readexactly(length))[-64:] if length else b""
+            first = time.perf_counter() - started
+        latency = time.perf_counter() - started
+        if close:
+            writer.close()
+            self.writer = None
+        return latency, first, status == 200 and b"[DONE]" in tail
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+@dataclass
+class Phase:
+    target: str
+    concurrency: int
+    latencies: list[float] = field(default_factory=list)
+    ttfbs: list[float] = field(default_factory=list)
+    errors: int = 0
+    seconds: float = 0.0
+    server_cpu_s: float = 0.0
+    extra_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+
+
+async def closed_loop(target: Target, concurrency: int, seconds: float, phase: Phase) -> None:
+    connections = [Connection(target) for _ in range(concurrency)]
+    stop_at = time.perf_counter() + seconds
+
+    async def worker(conn: Connection) -> None:
+        while time.perf_counter() < stop_at:
+            try:
+                latency, first, ok = await conn.call()
+            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+                phase.errors += 1
+                conn.close()
+                conn.writer = None
+                await asyncio.sleep(0.01)
+                continue
+            if ok:
+                phase.latencies.append(latency)
+                phase.ttfbs.append(first)
+            else:
+                phase.errors += 1
+
+    cpu0 = target.server.cpu_seconds() if target.server else 0.0
+    extra0 = sum(c.cpu_seconds() for c in target.extra)
+    own0, wall0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in connections))
+    phase.seconds += time.perf_counter() - wall0
+    phase.client_cpu_s += time.process_time() - own0
+    phase.server_cpu_s += (target.server.cpu_seconds() if target.server else 0.0) - cpu0
+    phase.extra_cpu_s += sum(c.cpu_seconds() for c in target.extra) - extra0
+    for conn in connections:
+        conn.close()
+
+
+async def paired(direct: Target, other: Target, seconds: float) -> list[float]:
+    """One stream alternating a direct request and one through `other`: their differences."""
+    first, second = Connection(direct), Connection(other)
+    diffs: list[float] = []
+    stop_at = time.perf_counter() + seconds
+    while time.perf_counter() < stop_at:
+        (d, _, ok1), (o, _, ok2) = await first.call(), await second.call()
+        if ok1 and ok2:
+            diffs.append(o - d)
+    first.close()
+    second.close()
+    return diffs
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.2f}"
+
+
+# ======================================================================= profile
+def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    spy = REPO / ".venv" / "bin" / "py-spy"
+    if not spy.exists():
+        console.print("[yellow]py-spy not found in .venv: no profile[/yellow]")
+        return None
+    return subprocess.Popen([str(spy), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200", "--format",
+                             "raw", "-o", str(out), "--nonblocking"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def print_profile(raw: Path, summary: Path | None = None, top: int = 25) -> None:
+    """Top functions by self and total time and self time by package; also saved as text to `summary`."""
+    if not raw.exists():
+        console.print("[yellow]no profile written[/yellow]")
+        return
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        samples += n
+        own[_short(frames[-1])] += n
+        packages[_package(frames[-1])] += n
+        for frame in {_short(f) for f in frames}:
+            total[frame] += n
+    table = Table(title=f"gateway py-spy profile: {samples} samples (raw stacks: {raw})")
+    table.add_column("function (self)")
+    table.add_column("self %", justify="right")
+    table.add_column("function (total)")
+    table.add_column("total %", justify="right")
+    # the entry chain (runpy, typer, uvicorn's server loop, starlette's middleware stack) is in every
+    # request's stack: leave it out of the totals
+    totals = [(f, n) for f, n in total.most_common() if not _ENTRY_FRAMES.search(f)]
+    for (f1, n1), (f2, n2) in zip(own.most_common(top), totals[:top]):
+        table.add_row(f1, f"{100 * n1 / samples:.1f}", f2, f"{100 * n2 / samples:.1f}")
+    table.caption = "total leaves out the entry chain (runpy, typer, uvicorn's server loop, starlette's middleware)"
+    by_package = "self time by package: " + ", ".join(f"{name} {100 * n / samples:.0f}%"
+                                                      for name, n in packages.most_common(12))
+    console.print(table)
+    console.print(by_package)
+    if summary is not None:
+        summary.parent.mkdir(exist_ok=True)
+        with summary.open("w") as out:
+            saved = Console(file=out, width=160)
+            saved.print(table)
+            saved.print(by_package)
+        console.print(f"profile summary saved to {summary.relative_to(REPO)}")
+
+
+_ENTRY_FRAMES = re.compile(r"\((<frozen runpy>|typer/|_click/|click/|uvicorn/(main|server|_compat)\.py|"
+                           r"asyncio/runners\.py|fleetlens/(cli|__main__)\.py|serving/service\.py|middleware/|"
+                           r"starlette/(applications|routing|_exception_handler)\.py|http/httptools_impl\.py|"
+                           r"[^)]*proxy_headers)")
+
+
+def _package(frame: str) -> str:
+    where = frame.partition(" (")[2]
+    top = where.split("/")[0] if "/" in where else where.split(":")[0].removesuffix(".py")
+    return top or "?"
+
+
+def _short(frame: str) -> str:
+    """'func (path/to/module.py:123)' -> 'func (module.py)'."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    return f"{name} ({'/'.join(Path(where).parts[-2:])})"
+
+
+# ======================================================================= main
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", default="50,1", help="comma-separated concurrent streams")
+    parser.add_argument("--seconds", type=float, default=5.0, help="one latency phase (per target, per round)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--paired-seconds", type=float, default=8.0)
+    parser.add_argument("--max-concurrency", type=int, default=64)
+    parser.add_argument("--max-seconds", type=float, default=8.0)
+    parser.add_argument("--completion-tokens", type=int, default=4, help="content chunks per stream")
+    parser.add_argument("--tokens-per-s", type=float, default=0.0, help="stub stream pacing (0 = unpaced)")
+    parser.add_argument("--litellm", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--litellm-venv", type=Path, default=Path("/tmp/litellm-venv"))
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--json", type=Path, help="write the numbers here")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+
+    try:
+        import uvloop
+        uvloop.install()
+        loop_name = "uvloop"
+    except ImportError:
+        loop_name = "asyncio"
+    work = Path(tempfile.mkdtemp(prefix="fleetlens-gw-bench-"))
+    stack = Stack(work)
+    notes: list[str] = []
+    results: dict = {"phases": [], "paired": {}, "max_rps": {}, "cpu_ms_per_request": {}}
+    try:
+        with console.status("starting upstream, warehouse, collector, gateway..."):
+            upstream = start_upstream(stack, args)
+            gw_url, key, gateway, tracing = start_gateway(stack, upstream)
+        body = {"model": MODEL, "stream": True, "max_tokens": args.completion_tokens,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": "how much does a token cost on this fleet"}]}
+        upstream_child = next(c for c in stack.children if c.name == "upstream")
+        targets = [Target("direct", upstream, {}, body, upstream_child),
+                   Target("fleetlens", gw_url, {"Authorization": f"Bearer {key}", "X-FleetLens-Feature": "chat"},
+                          {**body, "model": "auto"}, gateway, tracing)]
+        if args.litellm:
+            try:
+                with console.status("starting the LiteLLM proxy..."):
+                    litellm_url, litellm = start_litellm(stack, upstream, args.litellm_venv)
+                targets.append(Target("litellm", litellm_url, {"Authorization": f"Bearer {LITELLM_KEY}"}, body,
+                                      litellm))
+            except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+                notes.append(f"LiteLLM skipped: {str(error)[-600:]}")
+                console.print(f"[yellow]{notes[-1]}[/yellow]")
+
+        async def run_all() -> None:
+            # warm-up (connections, JIT-free but caches, LiteLLM's first-request setup)
+            for target in targets:
+                warm = Phase(target.name, 8)
+                await closed_loop(target, 8, 2.0, warm)
+                if not warm.latencies:
+                    raise RuntimeError(f"{target.name}: no successful request in the warm-up "
+                                       f"({warm.errors} errors)")
+            for level in levels:
+                phases = {t.name: Phase(t.name, level) for t in targets}
+                for round_ in range(args.rounds):
+                    for target in targets:
+                        profiling = None
+                        if args.profile and target.name == "fleetlens" and round_ == 0:
+                            raw = Path(tempfile.gettempdir()) / f"fleetlens-gateway-overhead-c{level}.raw"
+                            profiling = (start_profile(gateway.process.pid, args.seconds, raw), raw)
+                        console.print(f"  c={level} round {round_ + 1}/{args.rounds}: {target.name}")
+                        await closed_loop(target, level, args.seconds, phases[target.name])
+                        if profiling and profiling[0]:
+                            profiling[0].wait(timeout=60)
+                            results.setdefault("profiles", []).append(profiling[1])
+                results["phases"] += [phases[t.name] for t in targets]
+            for target in targets[1:]:
+                console.print(f"  paired, concurrency 1: direct / {target.name}")
+                results["paired"][target.name] = await paired(targets[0], target, args.paired_seconds)
+            for target in targets:
+                console.print(f"  max req/s: {target.name} at c={args.max_concurrency}")
+                phase = Phase(target.name, args.max_concurrency)
+                await closed_loop(target, args.max_concurrency, args.max_seconds, phase)
+                results["max_rps"][target.name] = phase
+
+        asyncio.run(run_all())
+    except RuntimeError as error:
+        console.print(f"[red]{error}[/red]")
+        return 1
+    finally:
+        stack.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    report(results, targets, levels, args, loop_name, notes)
+    for raw in results.get("profiles", []):
+        summary = REPO / "bench" / "profiles" / raw.with_suffix(".txt").name.replace("fleetlens-", "")
+        print_profile(raw, summary)
+    return 0
+
+
+def report(results: dict, targets: list[Target], levels: list[int], args: argparse.Namespace, loop_name: str,
+           notes: list[str]) -> None:
+    by = {(p.target, p.concurrency): p for p in results["phases"]}
+    table = Table(title=f"gateway overhead: streaming chat completions ({args.completion_tokens} content chunks + "
+                        f"usage), closed loop, {args.rounds} x {args.seconds:g} s per target, interleaved")
+    for column in ("streams", "target", "requests", "req/s", "errors", "p50 ms", "p99 ms", "TTFB p50", "TTFB p99",
+                   "added p50", "added p99", "server CPU ms/req", "spans CPU ms/req", "client CPU"):
+        table.add_column(column, justify="left" if column == "target" else "right")
+    out: dict = {"latency": [], "paired_ms": {}, "max_rps": {}, "notes": notes,
+                 "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}}
+    for level in levels:
+        direct = by[("direct", level)]
+        for target in targets:
+            p = by[(target.name, level)]
+            n = len(p.latencies)
+            added50 = added99 = None
+            if target.name != "direct" and p.latencies and direct.latencies:
+                added50 = pct(p.latencies, 50) - pct(direct.latencies, 50)
+                added99 = pct(p.latencies, 99) - pct(direct.latencies, 99)
+            cpu_per = p.server_cpu_s / n if n else None
+            row = {"streams": level, "target": target.name, "requests": n, "rps": n / p.seconds if p.seconds else 0,
+                   "errors": p.errors, "p50_ms": _ms(pct(p.latencies, 50)), "p99_ms": _ms(pct(p.latencies, 99)),
+                   "ttfb_p50_ms": _ms(pct(p.ttfbs, 50)), "ttfb_p99_ms": _ms(pct(p.ttfbs, 99)),
+                   "added_p50_ms": _ms(added50), "added_p99_ms": _ms(added99),
+                   "server_cpu_ms_per_request": _ms(cpu_per),
+                   "collector_warehouse_cpu_ms_per_request": _ms(p.extra_cpu_s / n if n and target.extra else None),
+                   "client_cpu_share": p.client_cpu_s / p.seconds}
+            out["latency"].append(row)
+            table.add_row(str(level), target.name, str(n), f"{row['rps']:.0f}", str(p.errors),
+                          ms(pct(p.latencies, 50)), ms(pct(p.latencies, 99)), ms(pct(p.ttfbs, 50)),
+                          ms(pct(p.ttfbs, 99)), ms(added50), ms(added99), ms(cpu_per),
+                          ms(p.extra_cpu_s / n if n and target.extra else None),
+                          f"{100 * row['client_cpu_share']:.0f}%")
+        table.add_section()
+    table.caption = ("added = target percentile − direct percentile; server CPU = the proxy's process(es) "
+                     "(direct: the stub's); spans CPU = the collector + warehouse taking fleetlens' spans; "
+                     "client CPU = this process's share of one core")
+    console.print(table)
+
+    pairs = Table(title=f"paired added latency: 1 stream alternating direct / target, {args.paired_seconds:g} s each")
+    for column in ("target", "pairs", "added p50 ms", "added p90 ms", "added p99 ms"):
+        pairs.add_column(column, justify="left" if column == "target" else "right")
+    for name, diffs in results["paired"].items():
+        pairs.add_row(name, str(len(diffs)), ms(pct(diffs, 50)), ms(pct(diffs, 90)), ms(pct(diffs, 99)))
+        out["paired_ms"][name] = {"pairs": len(diffs), "p50": _ms(pct(diffs, 50)), "p90": _ms(pct(diffs, 90)),
+                                  "p99": _ms(pct(diffs, 99))}
+    console.print(pairs)
+
+    peak = Table(title=f"max requests/s, closed loop at {args.max_concurrency} streams, {args.max_seconds:g} s")
+    for column in ("target", "req/s", "errors", "p50 ms", "p99 ms", "server CPU ms/req", "server CPU cores"):
+        peak.add_column(column, justify="left" if column == "target" else "right")
+    for name, p in results["max_rps"].items():
+        n = len(p.latencies)
+        rps = n / p.seconds if p.seconds else 0
+        peak.add_row(name, f"{rps:.0f}", str(p.errors), ms(pct(p.latencies, 50)), ms(pct(p.latencies, 99)),
+                     ms(p.server_cpu_s / n if n else None), f"{p.server_cpu_s / p.seconds:.2f}")
+        out["max_rps"][name] = {"rps": rps, "errors": p.errors, "server_cpu_ms_per_request":
+                                _ms(p.server_cpu_s / n if n else None)}
+    console.print(peak)
+
+    top = max(levels)
+    mine = next((r for r in out["latency"] if r["streams"] == top and r["target"] == "fleetlens"), None)
+    theirs = next((r for r in out["latency"] if r["streams"] == top and r["target"] == "litellm"), None)
+    if mine and mine["added_p99_ms"] is not None:
+        verdict = "PASS" if mine["added_p99_ms"] <= BAR_ADDED_P99_MS else "FAIL"
+        line = f"bar: p99 added latency at {top} streams = {mine['added_p99_ms']:.2f} ms (<= {BAR_ADDED_P99_MS} ms): {verdict}"
+        if theirs and theirs["added_p99_ms"] is not None:
+            line += (f"; goal (below LiteLLM's {theirs['added_p99_ms']:.2f} ms): "
+                     f"{'MET' if mine['added_p99_ms'] < theirs['added_p99_ms'] else 'NOT MET'}")
+        console.print(f"[bold]{line}[/bold]")
+    load = os.getloadavg()
+    console.print(f"client: {loop_name}, raw HTTP/1.1 keep-alive, one socket per stream; machine: {os.cpu_count()} "
+                  f"CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (other work on the machine makes "
+                  f"latencies noisy; CPU ms/request is the steadier number)")
+    for note in notes:
+        console.print(f"[yellow]{note}[/yellow]")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+        console.print(f"wrote {args.json}")
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 3)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
