@@ -20,6 +20,8 @@ app = typer.Typer(help="FleetLens: cost, latency and eval-gating for self-hosted
 warehouse_app = typer.Typer(help="The ClickHouse warehouse (embedded chDB server or a real ClickHouse).",
                             no_args_is_help=True)
 app.add_typer(warehouse_app, name="warehouse")
+models_app = typer.Typer(help="Models to serve: demo models made here.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -378,6 +380,45 @@ def up(
         console.print("stopping...")
     finally:
         stack.stop()
+
+
+@models_app.command("make-demo")
+def models_make_demo(
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default <data_dir>/models/demo).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the facts, the initialisation and the batches.")] = 0,
+    force: Annotated[bool, typer.Option(help="Rebuild even when a build with the same inputs is there.")] = False,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: CPUs, at most 4).")] = None,
+    serving_python: Annotated[Optional[Path], typer.Option(help="Python of the vLLM venv (default .venv-serving).")] = None,
+) -> None:
+    """Train tiny demo Llamas on a key=value lookup task (a few minutes on CPU) and write models.yaml."""
+    from fleetlens.serving.demo_models import DemoBuildError, make_demo
+
+    out_dir = out or _settings().data_dir / "models" / "demo"
+    with Progress(TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_event(event: dict) -> None:
+            if event.get("event") == "step":
+                if event["model"] not in tasks:
+                    tasks[event["model"]] = bar.add_task(event["model"], total=event["steps"], info="")
+                bar.update(tasks[event["model"]], completed=event["step"], info=f"loss {event['loss']:.3f}")
+
+        try:
+            built = make_demo(out_dir, seed=seed, threads=threads, force=force, progress=on_event,
+                              serving_python=serving_python)
+        except DemoBuildError as error:
+            err_console.print(f"[red]{error}[/red]")
+            raise typer.Exit(1) from None
+    table = Table(title=f"demo models ({'cached' if built.cached else 'built'}): {built.out_dir}")
+    for column in ("checkpoint", "variant", "params", "easy", "hard", "train s"):
+        table.add_column(column, justify="left" if column in ("checkpoint", "variant") else "right")
+    for name, entry in built.manifest["models"].items():
+        accuracy = entry["accuracy"]
+        table.add_row(name, entry["variant"], f"{entry['params']:,}", f"{accuracy['easy']:.1%}",
+                      f"{accuracy['hard']:.1%}", f"{entry['train_seconds']:.0f}")
+    console.print(table)
+    console.print(f"registry: {built.models_yaml}")
 
 
 def _client_host(bind: str) -> str:

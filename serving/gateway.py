@@ -25,12 +25,14 @@ import asyncio
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import orjson
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -49,6 +51,7 @@ from .redaction import Redactor, default_redactor
 from .registry import FeatureRoute, RequestFeatures, RetrievalSpec, RouteDecision, ServingConfig, attempt_order
 from .retrieval import Document, Retrievers, insert_context, query_of
 from .tracing import ExportStats
+from .upstream_http import AiohttpTransport
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,32 @@ class Upstream:
     replica: str
     base_url: str
     done: Callable[[bool], None]
+
+
+@dataclass
+class Answer:
+    """A replica's 2xx answer, committed to: its first bytes are in (`head`), the rest may follow."""
+
+    upstream: Upstream
+    response: httpx.Response
+    span: Span  # the attempt's CLIENT span, ended when the answer is consumed
+    model: str
+    head: bytes  # a stream's first chunk, or a plain answer's whole body
+    rest: AsyncIterator[bytes] | None = None  # the stream after `head`
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if self.head:
+            yield self.head
+        if self.rest is not None:
+            async for chunk in self.rest:
+                yield chunk
+
+
+async def _first_bytes(response: httpx.Response, stream: bool) -> tuple[bytes, AsyncIterator[bytes] | None]:
+    if not stream:
+        return await response.aread(), None
+    chunks = response.aiter_raw()
+    return await anext(chunks, b""), chunks
 
 
 UpstreamPicker = Callable[[str], "Upstream | None"]  # model name → a replica of it, or None when none is up
@@ -111,9 +140,8 @@ class Gateway:
         self.tracer = tracer
         self.record_content = record_content
         self.rng = rng or random.Random()
-        self.http = http or httpx.AsyncClient(
-            timeout=httpx.Timeout(60.0, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256))
+        self.http = http or httpx.AsyncClient(transport=AiohttpTransport(),
+                                              timeout=httpx.Timeout(60.0, connect=connect_timeout_s))
         self.redact = redact or default_redactor
         self.keys_watcher: KeysWatcher | None = None  # set by service.build: keys.yaml reloads in place
         self.retrievers = retrievers or Retrievers()
@@ -205,19 +233,20 @@ class Gateway:
                 if stream:
                     body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
                 body = insert_context(body, documents)
-            upstream, response, attempt_span, model, started = await self._call_upstream(
-                path, body, attempts, ctx, self._timeout(feature), feature_route.fallback_on)
+            answer = await self._call_upstream(path, body, attempts, ctx, self._timeout(feature),
+                                               feature_route.fallback_on, stream=stream)
+            upstream, response, attempt_span, model = answer.upstream, answer.response, answer.span, answer.model
         except GatewayError as error:
             return self._finish_error(root, error)
         except AuthError as error:
             return self._finish_error(root, GatewayError(error.to_response(), str(error.status)))
         if stream:
             return StreamingResponse(
-                self._relay(response, upstream, attempt_span, root, ctx, key.id, estimate, model, started),
+                self._relay(answer, root, ctx, key.id, estimate),
                 status_code=response.status_code, media_type="text/event-stream",
                 headers={"cache-control": "no-cache"})
         try:
-            payload = json.loads(await response.aread())
+            payload = json.loads(answer.head)
         finally:
             await response.aclose()
         usage = payload.get("usage") or {}
@@ -296,10 +325,12 @@ class Gateway:
         return routes.features[name].timeout_s
 
     async def _call_upstream(self, path: str, body: dict[str, Any], attempts: list[str], ctx: Any,
-                             timeout_s: float, fallback_on: Collection[str] = ALL_TRIGGERS,
-                             ) -> tuple[Upstream, httpx.Response, Span, str, float]:
+                             timeout_s: float, fallback_on: Collection[str] = ALL_TRIGGERS, *,
+                             stream: bool = False) -> Answer:
         """Try each model in order (fallbacks); the first 2xx answer wins. 4xx answers are the
-        client's problem and are passed back as they are. A failure moves on to the next attempt
+        client's problem and are passed back as they are. An answer counts as given once its first
+        bytes are in (a stream's first chunk, a plain answer's whole body): a replica that dies or
+        stalls before that is one more failed attempt, invisible to the client. A failure moves on to the next attempt
         only when its trigger is in `fallback_on` — "error": 5xx or a connection error (502),
         "timeout" (504), "overload": a 429/503 answer or no replica with room (503); otherwise the
         request ends with that failure's error."""
@@ -338,19 +369,8 @@ class Gateway:
                                                   content=json.dumps(upstream_body).encode(),
                                                   timeout=httpx.Timeout(timeout_s, connect=2.0))
                 response = await self.http.send(request, stream=True)
-            except httpx.TimeoutException:
-                self.stats.upstream_attempts[(model, "timeout")] += 1
-                span.set_attribute(sc.FALLBACK_TRIGGER, "timeout")
-                self._close_attempt(span, upstream, False, model, error_type="timeout")
-                last_error = failed(model, number, "timeout",
-                                    GatewayError(errors.upstream_error(504, f"{model} timed out"), "504"))
-                continue
-            except httpx.TransportError as error:
-                self.stats.upstream_attempts[(model, "error")] += 1
-                span.set_attribute(sc.FALLBACK_TRIGGER, "error")
-                self._close_attempt(span, upstream, False, model, error_type=type(error).__name__)
-                last_error = failed(model, number, "error",
-                                    GatewayError(errors.upstream_error(502, f"{model} unreachable"), "502"))
+            except httpx.TransportError as error:  # timeouts included
+                last_error = failed(model, number, *self._transport_failure(span, upstream, model, error))
                 continue
             status = response.status_code
             span.set_attribute(sc.HTTP_STATUS_CODE, status)
@@ -380,26 +400,43 @@ class Gateway:
                 self.stats.upstream_attempts[(model, "client_error")] += 1
                 self._close_attempt(span, upstream, True, model, error_type=str(status))
                 raise GatewayError(errors.ErrorResponse(status, _error_body(content), {}), str(status))
+            try:
+                head, rest = await _first_bytes(response, stream)
+            except httpx.TransportError as error:
+                await response.aclose()
+                last_error = failed(model, number, *self._transport_failure(span, upstream, model, error))
+                continue
+            if stream:
+                span.set_attribute(sc.TIME_TO_FIRST_CHUNK, time.perf_counter() - started)
             self.stats.upstream_attempts[(model, "ok")] += 1
-            return upstream, response, span, model, started
+            return Answer(upstream, response, span, model, head, rest)
         assert last_error is not None
         raise last_error
 
-    async def _relay(self, response: httpx.Response, upstream: Upstream, span: Span, root: Span, ctx: Any,
-                     key_id: str, estimate: int, model: str, started: float) -> AsyncIterator[bytes]:
-        """Pass SSE chunks through as they come, noting the first chunk's time, the usage chunk
-        and finish reasons; close the spans when the stream ends (or the client goes away)."""
+    def _transport_failure(self, span: Span, upstream: Upstream, model: str,
+                           error: httpx.TransportError) -> tuple[str, GatewayError]:
+        """Close a failed attempt; (fallback trigger, the error the client gets if nothing else answers)."""
+        timed_out = isinstance(error, httpx.TimeoutException)
+        trigger = "timeout" if timed_out else "error"
+        self.stats.upstream_attempts[(model, trigger)] += 1
+        span.set_attribute(sc.FALLBACK_TRIGGER, trigger)
+        self._close_attempt(span, upstream, False, model, error_type="timeout" if timed_out else type(error).__name__)
+        if timed_out:
+            return trigger, GatewayError(errors.upstream_error(504, f"{model} timed out"), "504")
+        return trigger, GatewayError(errors.upstream_error(502, f"{model} unreachable"), "502")
+
+    async def _relay(self, answer: Answer, root: Span, ctx: Any, key_id: str,
+                     estimate: int) -> AsyncIterator[bytes]:
+        """Pass SSE chunks through as they come, noting the usage chunk and finish reasons; close
+        the spans when the stream ends (or the client goes away)."""
+        response, upstream, span, model = answer.response, answer.upstream, answer.span, answer.model
         usage: dict[str, Any] = {}
         finish: list[str] = []
         texts: dict[int, list[str]] | None = {} if self.record_content else None
-        first = True
         ok = False
         buffer = b""
         try:
-            async for chunk in response.aiter_raw():
-                if first:
-                    span.set_attribute(sc.TIME_TO_FIRST_CHUNK, time.perf_counter() - started)
-                    first = False
+            async for chunk in answer.chunks():
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
@@ -675,6 +712,10 @@ def _output_messages(payload: dict[str, Any], redact: Redactor) -> str:
     return _messages_json(messages, redact)
 
 
+# A usage object or a finish reason that is not null: the only chunks the accounting needs.
+_EVENT_OF_INTEREST = re.compile(rb'"usage"\s*:\s*\{|"finish_reason"\s*:\s*"')
+
+
 def _note_event(line: bytes, usage: dict[str, Any], finish: list[str],
                 texts: dict[int, list[str]] | None = None) -> None:
     if not line.startswith(b"data:"):
@@ -682,9 +723,11 @@ def _note_event(line: bytes, usage: dict[str, Any], finish: list[str],
     data = line[5:].strip()
     if not data or data == b"[DONE]":
         return
+    if texts is None and not _EVENT_OF_INTEREST.search(data):
+        return  # most chunks carry one token and nothing to account: skip parsing them
     try:
-        event = json.loads(data)
-    except ValueError:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
         return
     if isinstance(event, dict):
         if event.get("usage"):
