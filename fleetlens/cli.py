@@ -6,7 +6,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from .config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from .stack import Stack
 
 app = typer.Typer(help="FleetLens: cost, latency and eval-gating for self-hosted LLM fleets.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -324,8 +327,12 @@ def _print_collector_status(settings: Settings) -> None:
 @app.command()
 def up(
     port: Annotated[Optional[int], typer.Option(help="Warehouse HTTP port (default 8123).")] = None,
+    serving: Annotated[Optional[bool], typer.Option(
+        "--serving/--no-serving",
+        help="Also start the gateway and a small + a large demo replica (default: when a vLLM is installed).")] = None,
 ) -> None:
-    """Start the embedded stack in the foreground (warehouse, schema, collector); Ctrl-C stops everything."""
+    """Start the embedded stack in the foreground (warehouse, schema, collector; gateway and vLLM
+    replicas of the demo models when vLLM is there); Ctrl-C stops everything."""
     from .net import wait_http
     from .stack import Child, Stack, fleetlens_argv
     from .warehouse.client import WarehouseUnavailable, wait_until_ready
@@ -371,6 +378,11 @@ def up(
         grpc = f"grpc://{host}:{collector.grpc_port}, " if collector.grpc_port else ""
         summary.add_row("collector (OTLP)", f"{grpc}http://{host}:{collector.http_port}/v1/traces",
                         str(logs / "collector.log"))
+        from .serving.up import engine_available
+
+        if serving or (serving is None and engine_available(settings)):
+            for row in _up_serving(stack, settings, logs):
+                summary.add_row(*row)
         console.print(summary)
         console.print("Press Ctrl-C to stop.")
         if stack.children:
@@ -386,26 +398,17 @@ def up(
 def models_make_demo(
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default <data_dir>/models/demo).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the facts, the initialisation and the batches.")] = 0,
-    force: Annotated[bool, typer.Option(help="Rebuild even when a build with the same inputs is there.")] = False,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: CPUs, at most 4).")] = None,
-    serving_python: Annotated[Optional[Path], typer.Option(help="Python of the vLLM venv (default .venv-serving).")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even when the same build is there.")] = False,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: CPUs, max 4).")] = None,
+    serving_python: Annotated[Optional[Path], typer.Option(help="vLLM venv's python (default .venv-serving).")] = None,
 ) -> None:
     """Train tiny demo Llamas on a key=value lookup task (a few minutes on CPU) and write models.yaml."""
     from fleetlens.serving.demo_models import DemoBuildError, make_demo
 
     out_dir = out or _settings().data_dir / "models" / "demo"
-    with Progress(TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[info]}"), console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def on_event(event: dict) -> None:
-            if event.get("event") == "step":
-                if event["model"] not in tasks:
-                    tasks[event["model"]] = bar.add_task(event["model"], total=event["steps"], info="")
-                bar.update(tasks[event["model"]], completed=event["step"], info=f"loss {event['loss']:.3f}")
-
+    with _demo_bar() as bar:
         try:
-            built = make_demo(out_dir, seed=seed, threads=threads, force=force, progress=on_event,
+            built = make_demo(out_dir, seed=seed, threads=threads, force=force, progress=_demo_progress(bar),
                               serving_python=serving_python)
         except DemoBuildError as error:
             err_console.print(f"[red]{error}[/red]")
@@ -419,6 +422,68 @@ def models_make_demo(
                       f"{accuracy['hard']:.1%}", f"{entry['train_seconds']:.0f}")
     console.print(table)
     console.print(f"registry: {built.models_yaml}")
+
+
+def _demo_progress(bar: Progress) -> Callable[[dict], None]:
+    """Renders train.py's step events (one bar per model) on `bar`."""
+    tasks: dict[str, int] = {}
+
+    def on_event(event: dict) -> None:
+        if event.get("event") == "step":
+            if event["model"] not in tasks:
+                tasks[event["model"]] = bar.add_task(event["model"], total=event["steps"], info="")
+            bar.update(tasks[event["model"]], completed=event["step"], info=f"loss {event['loss']:.3f}")
+
+    return on_event
+
+
+def _demo_bar() -> Progress:
+    return Progress(TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), console=console, transient=True)
+
+
+def _up_serving(stack: "Stack", settings: Settings, logs: Path) -> list[tuple[str, str, str]]:
+    """Demo models (cached), the gateway, and one replica per demo model; returns summary rows."""
+    from .net import wait_http
+    from .serving.demo_models import DemoBuildError, make_demo
+    from .serving.registration import ReplicaDirectory, wait_registered
+    from .serving.up import DEMO_REPLICAS, prepare_files
+    from .stack import Child, fleetlens_argv
+
+    console.print("demo models: training (first run only, a few minutes) or reusing the cached build")
+    try:
+        with _demo_bar() as bar:
+            built = make_demo(settings.data_dir / "models" / "demo", progress=_demo_progress(bar))
+    except DemoBuildError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+    files = prepare_files(settings, built.models_yaml)
+    env = {**_child_env(settings), **files.env(),
+           "FLEETLENS_GATEWAY__OTLP_ENDPOINT": f"http://127.0.0.1:{settings.collector.http_port}"}
+    gateway = settings.gateway
+    base = f"http://{_client_host(gateway.host)}:{gateway.port}"
+    with console.status("starting the gateway..."):
+        child = stack.add(Child("gateway", fleetlens_argv("gateway"), logs / "gateway.log"), env=env)
+        if not wait_http(base + "/health", 60.0, alive=lambda: child.alive):
+            err_console.print(f"[red]the gateway did not start; see {child.log_path}[/red]")
+            raise typer.Exit(1)
+    names = {f"{model}-0": model for model in DEMO_REPLICAS}
+    for name, model in names.items():
+        stack.add(Child(f"replica {name}", fleetlens_argv("serve", "replica", "--model", model, "--name", name),
+                        logs / f"launcher-{name}.log"), env=env)
+    with console.status("loading the replicas (vLLM starts in 25-60 s on CPU)..."):
+        try:
+            records = wait_registered(ReplicaDirectory(settings.replicas_path), set(names),
+                                      settings.replica.ready_timeout_s)
+        except TimeoutError as error:
+            err_console.print(f"[red]{error}; see {logs}/launcher-*.log and replica-*.log[/red]")
+            raise typer.Exit(1) from None
+    rows = [("gateway (OpenAI API)", f"{base}/v1  key: {settings.data_dir / 'gateway' / 'demo-api-key'}",
+             str(logs / "gateway.log"))]
+    for record in sorted(records, key=lambda r: r.name):
+        rows.append((f"replica {record.name}", f"{record.url} ({record.model}, ready in {record.load_seconds:.0f} s)",
+                     str(logs / f"replica-{record.name}.log")))
+    return rows
 
 
 def _client_host(bind: str) -> str:

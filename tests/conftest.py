@@ -187,3 +187,18 @@ def wait_for(predicate: Callable[[], object], timeout_s: float = 30.0, interval_
         value = predicate()
     assert value, f"condition not met within {timeout_s} s"
     return value
+
+
+DEMO_MODELS_DIR = REPO / ".cache" / "demo-models"
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> Path:
+    """The demo models (`fleetlens models make-demo`), built once into `.cache/demo-models` and reused
+    across test runs (rebuilt only when train.py or its parameters change); returns that directory."""
+    from fleetlens.serving.demo_models import DemoBuildError, make_demo
+
+    try:
+        return make_demo(DEMO_MODELS_DIR, seed=0, threads=2).out_dir
+    except DemoBuildError as error:  # in CI nothing is skipped: `make test` builds .venv-serving first
+        pytest.fail(f"demo models unavailable: {error}")

@@ -25,7 +25,8 @@ def test_up_then_signal_leaves_no_process(tmp_path, sig):
     env.update({"FLEETLENS_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200",
                 "FLEETLENS_COLLECTOR__HTTP_PORT": str(otlp_port), "FLEETLENS_COLLECTOR__GRPC_PORT": str(free_port())})
     # start_new_session + SIG_IGN for SIGINT mimics a background job of a non-interactive shell
-    up = subprocess.Popen([sys.executable, "-m", "fleetlens", "up", "--port", str(port)], cwd=tmp_path, env=env,
+    up = subprocess.Popen([sys.executable, "-m", "fleetlens", "up", "--port", str(port), "--no-serving"],
+                          cwd=tmp_path, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines: list[str] = []
@@ -70,3 +71,48 @@ def test_up_then_signal_leaves_no_process(tmp_path, sig):
                 os.killpg(child.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def test_up_with_serving_starts_gateway_and_demo_replicas(tmp_path, demo_models):
+    """`fleetlens up --serving`: the gateway and a small + a large replica of the demo models join the
+    stack; a request with the demo key is answered. The replicas' engine is the stub upstream here
+    (vLLM itself is exercised in test_serving_vllm_e2e.py); the demo models are the cached build."""
+    data = tmp_path / "data"
+    (data / "models").mkdir(parents=True)
+    (data / "models" / "demo").symlink_to(demo_models)
+    port, gateway_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
+    env.update({"FLEETLENS_DATA_DIR": str(data), "COLUMNS": "200", "FLEETLENS_GATEWAY__PORT": str(gateway_port),
+                "FLEETLENS_COLLECTOR__HTTP_PORT": str(free_port()), "FLEETLENS_COLLECTOR__GRPC_PORT": str(free_port()),
+                "FLEETLENS_REPLICA__ENGINE_COMMAND":
+                    f'["{sys.executable}", "-m", "fleetlens.serving.stub_upstream", "--startup-delay-s", "1"]'})
+    up = subprocess.Popen([sys.executable, "-m", "fleetlens", "up", "--port", str(port), "--serving"], cwd=tmp_path,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("Press Ctrl-C" in line for line in lines):
+            assert time.monotonic() < deadline and up.poll() is None, "".join(lines)
+            time.sleep(0.2)
+        output = "".join(lines)
+        assert "replica demo-small-0" in output and "replica demo-large-0" in output, output
+        key = (data / "gateway" / "demo-api-key").read_text().strip()
+        assert oct((data / "gateway" / "demo-api-key").stat().st_mode & 0o777) == "0o600"
+        assert key not in output  # the key is in its file, never printed or logged
+        reply = httpx.post(f"http://127.0.0.1:{gateway_port}/v1/chat/completions", timeout=30,
+                           headers={"authorization": f"Bearer {key}"},
+                           json={"model": "auto", "max_tokens": 3, "messages": [{"role": "user", "content": "a="}]})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["model"] == "demo-large"  # the demo routes' default feature (lookup)
+        children = psutil.Process(up.pid).children(recursive=True)
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=60)
+        assert up.returncode == 0, "".join(lines)
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, alive
+        assert not list((data / "replicas").glob("*.json"))  # replicas deregistered on the way out
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
