@@ -65,6 +65,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from fleetlens.net import free_port, wait_http  # noqa: E402
+from fleetlens.serving.loadgen_report import percentile  # noqa: E402
 
 LITELLM_VERSION = "1.106.2"
 BAR_ADDED_P99_MS = 5.0
@@ -380,14 +381,7 @@ async def paired(direct: Target, other: Target, seconds: float) -> list[float]:
     return diffs
 
 
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+pct = percentile  # numpy's 'linear' percentile, shared with `fleetlens load`
 
 
 def ms(value: float | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
@@ -478,12 +479,28 @@ def _up_serving(stack: "Stack", settings: Settings, logs: Path) -> list[tuple[st
         except TimeoutError as error:
             err_console.print(f"[red]{error}; see {logs}/launcher-*.log and replica-*.log[/red]")
             raise typer.Exit(1) from None
+        # ready means routable: the gateway reads the replica directory every second
+        deadline = time.monotonic() + 30
+        while not all(f'replica="{name}"' in _get_text(base + "/metrics") for name in names):
+            if time.monotonic() > deadline:
+                err_console.print(f"[red]the gateway did not pick up the replicas; see {logs / 'gateway.log'}[/red]")
+                raise typer.Exit(1)
+            time.sleep(0.3)
     rows = [("gateway (OpenAI API)", f"{base}/v1  key: {settings.data_dir / 'gateway' / 'demo-api-key'}",
              str(logs / "gateway.log"))]
     for record in sorted(records, key=lambda r: r.name):
         rows.append((f"replica {record.name}", f"{record.url} ({record.model}, ready in {record.load_seconds:.0f} s)",
                      str(logs / f"replica-{record.name}.log")))
     return rows
+
+
+def _get_text(url: str) -> str:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=5).text
+    except httpx.HTTPError:
+        return ""
 
 
 def _client_host(bind: str) -> str:

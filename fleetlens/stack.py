@@ -16,6 +16,23 @@ from pathlib import Path
 from typing import Callable
 
 
+def stop_group(process: subprocess.Popen[bytes], grace_s: float = 20.0) -> int:
+    """SIGTERM the process group `process` leads (started with start_new_session=True), SIGKILL it
+    after `grace_s`, then SIGKILL whatever is left in the group (grandchildren); returns the exit code."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return process.returncode
+
+
 @dataclass
 class Child:
     name: str
@@ -37,19 +54,8 @@ class Child:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, grace_s: float = 20.0) -> None:
-        if not self.process or self.process.poll() is not None:
-            return
-        pgid = os.getpgid(self.process.pid)
-        os.killpg(pgid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.process.wait()
-        try:  # anything left in the group (grandchildren)
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if self.process is not None:
+            stop_group(self.process, grace_s)
 
 
 @dataclass

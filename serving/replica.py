@@ -33,6 +33,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from fleetlens import semconv as sc
 from fleetlens.config import ConfigError, Settings
+from fleetlens.stack import stop_group
 
 from .registration import ReplicaDirectory, ReplicaRecord
 from .registry import ModelRegistry, ModelSpec
@@ -212,21 +213,10 @@ class ReplicaLauncher:
             self.registered = False
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            pgid = os.getpgid(self.process.pid)
-            os.killpg(pgid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(pgid, signal.SIGKILL)
-                self.process.wait()
-        try:  # vLLM's engine-core and worker processes, if any outlived the server
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        code = stop_group(self.process, grace_s)  # vLLM's engine-core and workers are in the same group
         if self.tracer_provider is not None:
             self.tracer_provider.shutdown()
-        return self.process.returncode
+        return code
 
     def serve_forever(self) -> int:
         """Block until vLLM exits or SIGTERM/SIGINT arrives; always stops and deregisters."""
