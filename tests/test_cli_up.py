@@ -63,14 +63,19 @@ def test_up_then_signal_leaves_no_process(tmp_path, sig):
         gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, alive
     finally:
-        leftovers = psutil.Process(up.pid).children(recursive=True) if up.poll() is None else []
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-        for child in leftovers:  # each child runs in its own session: a failed test must not leave them
-            try:
-                os.killpg(child.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        _kill_tree(up)
+
+
+def _kill_tree(up: subprocess.Popen) -> None:
+    """After a failed test: kill `up` and its children (each runs in its own session)."""
+    leftovers = psutil.Process(up.pid).children(recursive=True) if up.poll() is None else []
+    if up.poll() is None:
+        os.killpg(up.pid, signal.SIGKILL)
+    for child in leftovers:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def test_up_with_serving_starts_gateway_and_demo_replicas(tmp_path, demo_models):
@@ -114,5 +119,4 @@ def test_up_with_serving_starts_gateway_and_demo_replicas(tmp_path, demo_models)
         assert not alive, alive
         assert not list((data / "replicas").glob("*.json"))  # replicas deregistered on the way out
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
+        _kill_tree(up)

@@ -218,3 +218,34 @@ def test_url_settings_apply_to_one_query_only(warehouse):
 def test_non_select_read_statements(warehouse, statement, expected):
     """dbt-clickhouse opens every connection with EXISTS DATABASE; none of these may be streamed."""
     assert expected in warehouse.client().raw_query(statement).decode()
+
+
+@pytest.mark.parametrize("n", [200, 5_000])
+def test_large_parameters_sent_as_multipart_form(client, n):
+    """Past ~4 KiB of bind parameters clickhouse-connect moves the query and `param_*` values into a
+    multipart/form-data body; the server reads them from there as ClickHouse does."""
+    ids = [f"{i:032x}" for i in range(n)]
+    assert client.query("SELECT length({t:Array(String)}), has({t:Array(String)}, {x:String}), {s:UInt8}",
+                        parameters={"t": ids, "x": ids[-1], "s": 7}).result_rows == [(n, 1, 7)]
+    assert client.query("SELECT count() FROM system.one WHERE 'x' IN {t:Array(String)} AND 1 = {s:UInt8}",
+                        parameters={"t": ids, "s": 1}).result_rows == [(0,)]
+    table = f"form_ids_{n}"
+    client.command(f"CREATE TABLE IF NOT EXISTS {table} (id String) ENGINE = MergeTree ORDER BY id")
+    client.query(f"INSERT INTO {table} SELECT arrayJoin({{t:Array(String)}})", parameters={"t": ids})
+    assert client.query(f"SELECT count(), uniqExact(id) FROM {table} WHERE id IN {{t:Array(String)}}",
+                        parameters={"t": ids}).result_rows == [(n, n)]
+    client.insert(table, [["extra"]], column_names=["id"], settings={"insert_deduplicate": 0})
+    assert client.command(f"SELECT count() FROM {table} WHERE id NOT IN {{t:Array(String)}}",
+                          parameters={"t": ids[:100]}) == n - 100 + 1
+
+
+def test_external_data_tables(client):
+    from clickhouse_connect.driver.external import ExternalData
+
+    data = ExternalData(file_name="ext.csv", data=b"1,a\n2,b\n3,c\n", fmt="CSV", structure="id UInt32, s String")
+    assert client.query("SELECT sum(id), groupArray(s) FROM ext", external_data=data).result_rows == [
+        (6, ["a", "b", "c"])]
+    typed = ExternalData(file_name="typed", data=b"1\ta\n2\tb\n", types=["UInt32", "String"])
+    ids = [f"{i:032x}" for i in range(1_000)] + ["b"]  # a form with both external data and large parameters
+    assert client.query("SELECT _1 FROM typed WHERE _2 IN {t:Array(String)}", parameters={"t": ids},
+                        external_data=typed).result_rows == [(2,)]

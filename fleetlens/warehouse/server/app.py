@@ -15,6 +15,7 @@ import binascii
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import AbstractContextManager
@@ -24,6 +25,8 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import anyio
 from anyio import to_thread
 from starlette.applications import Starlette
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -31,7 +34,7 @@ from starlette.routing import Route
 from ...config import WarehouseServerSettings
 from . import sql
 from .compression import Decoder, request_decoder, response_encoder
-from .engine import Engine, QueryContext
+from .engine import Engine, ExternalTable, QueryContext
 from .errors import ClickHouseError
 
 log = logging.getLogger("fleetlens.warehouse")
@@ -72,6 +75,12 @@ CONTENT_TYPES = {
 
 RESPONSE_PIECE = 1 << 20
 INSERT_BATCH = 1 << 20
+
+# With multipart/form-data, these URL parameter suffixes describe external tables, not settings.
+EXTERNAL_TABLE_SUFFIXES = ("_format", "_types", "_structure")
+MAX_FORM_FIELDS = 1_000_000  # ClickHouse's http_max_fields
+MAX_FORM_FILES = 1_000
+_FORMAT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 @dataclass
@@ -214,9 +223,12 @@ class WarehouseApp:
             except ValueError:
                 raise ClickHouseError.named("BAD_ARGUMENTS", "session_timeout must be a number") from None
         ctx.session_check = params.get("session_check") in ("1", "true")
+        form = _is_form(request)
         for key, value in params.multi_items():
             if key.startswith("param_"):
                 ctx.params[key[6:]] = value
+            elif form and key.endswith(EXTERNAL_TABLE_SUFFIXES):
+                continue
             elif key not in TRANSPORT_PARAMS:
                 ctx.settings[key] = value
         if request.method == "GET" and "readonly" not in ctx.settings:
@@ -226,10 +238,21 @@ class WarehouseApp:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.config.max_body_bytes:
             raise _too_large(self.config.max_body_bytes)
+        if _is_form(request):
+            form = await self._read_form(request, ctx)
+            try:
+                return await self._execute_text(request, ctx, headers, form.query, _no_body(self.config.max_body_bytes))
+            finally:
+                await form.data.close()
         body = BodyReader(request.stream(), request_decoder(request.headers.get("content-encoding")),
                           self.config.max_body_bytes)
         query_param = request.query_params.get("query", "")
         buf = (query_param.encode("utf-8") + b"\n") if query_param else b""
+        return await self._execute_text(request, ctx, headers, buf, body)
+
+    async def _execute_text(self, request: Request, ctx: QueryContext, headers: dict[str, str], buf: bytes,
+                            body: BodyReader) -> Response:
+        """Run the query that starts with `buf` and goes on in `body` (INSERT data included)."""
 
         # Read until the leading keyword is known.
         while True:
@@ -260,6 +283,53 @@ class WarehouseApp:
         if not text:
             raise ClickHouseError.named("SYNTAX_ERROR", "Empty query")
         return await self._query(request, ctx, text, headers)
+
+    # -- multipart/form-data --------------------------------------------------------------
+
+    async def _read_form(self, request: Request, ctx: QueryContext) -> ParsedForm:
+        """A multipart/form-data body, read as ClickHouse reads it.
+
+        clickhouse-connect sends one when bind parameters would make the URL too long, or with
+        external data. The query is the `query` URL parameter followed directly by every `query`
+        field; `param_*` fields bind parameters the URL does not; a part with a filename is an
+        external table (`<name>_format`, `<name>_structure` or `<name>_types` in the URL or a field);
+        other fields are ignored (settings come from the URL only). The body is not query text.
+        """
+        body = BodyReader(request.stream(), request_decoder(None), self.config.max_body_bytes)
+
+        async def raw() -> AsyncIterator[bytes]:
+            while not body.eof:
+                chunk = await body.read_raw()
+                if chunk:
+                    yield chunk
+
+        parser = MultiPartParser(request.headers, raw(), max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS,
+                                 max_part_size=self.config.max_query_bytes)
+        try:
+            data = await parser.parse()
+        except MultiPartException as error:
+            raise ClickHouseError.named("BAD_ARGUMENTS", f"Cannot parse the multipart/form-data body: {error.message}") from None
+        try:
+            text = request.query_params.get("query", "")
+            fields = dict(request.query_params)
+            for key, value in data.multi_items():
+                if isinstance(value, UploadFile):
+                    continue
+                if key == "query":
+                    text += value
+                elif key.startswith("param_"):
+                    ctx.params.setdefault(key[6:], value)
+                fields.setdefault(key, value)
+            query = text.encode("utf-8")
+            if len(query) > self.config.max_query_bytes:
+                raise _query_too_large(self.config.max_query_bytes)
+            for key, value in data.multi_items():
+                if isinstance(value, UploadFile):
+                    ctx.external_tables.append(_external_table(key, value, fields))
+        except BaseException:
+            await data.close()
+            raise
+        return ParsedForm(query, data)
 
     # -- INSERT with data -----------------------------------------------------------------
 
@@ -378,6 +448,44 @@ class WarehouseApp:
             del result
             await _release(lease)
             self.limiter.release_on_behalf_of(slot)
+
+
+@dataclass
+class ParsedForm:
+    query: bytes
+    data: FormData
+
+
+def _is_form(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
+def _no_body(limit: int) -> BodyReader:
+    async def empty() -> AsyncIterator[bytes]:
+        return
+        yield b""
+
+    return BodyReader(empty(), request_decoder(None), limit, eof=True)
+
+
+def _external_table(name: str, part: UploadFile, fields: dict[str, str]) -> ExternalTable:
+    if not name:
+        raise ClickHouseError.named("BAD_ARGUMENTS", "External table name is empty")
+    input_format = fields.get(f"{name}_format") or "TabSeparated"
+    if not _FORMAT_NAME.fullmatch(input_format):
+        raise ClickHouseError.named("UNKNOWN_FORMAT", f"Unknown input format {input_format}")
+    if fields.get(f"{name}_structure"):
+        columns = fields[f"{name}_structure"]
+    elif fields.get(f"{name}_types"):
+        types = sql.split_top_level(fields[f"{name}_types"])
+        columns = ", ".join(f"_{i} {type_name}" for i, type_name in enumerate(types, 1))
+    else:
+        raise ClickHouseError.named(
+            "BAD_ARGUMENTS",
+            f"Neither structure nor types have not been provided for external table {name}. "
+            f"Use fields {name}_structure or {name}_types to do so.",
+        )
+    return ExternalTable(name, columns, input_format, part.file)
 
 
 def _query_too_large(limit: int) -> ClickHouseError:

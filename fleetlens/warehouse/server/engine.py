@@ -25,7 +25,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import chdb
 
@@ -45,6 +45,16 @@ class Session:
 
 
 @dataclass
+class ExternalTable:
+    """External data sent with a query (a multipart/form-data file part): a temporary table for that query."""
+
+    name: str
+    columns: str  # the column list of CREATE TABLE, e.g. "a UInt32, b String"
+    input_format: str
+    data: IO[bytes]
+
+
+@dataclass
 class QueryContext:
     """What a request asks of the engine beyond the SQL text."""
 
@@ -55,6 +65,7 @@ class QueryContext:
     session_timeout_s: float | None = None
     session_check: bool = False
     query_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    external_tables: list[ExternalTable] = field(default_factory=list)
 
 
 class Engine:
@@ -137,7 +148,12 @@ class Engine:
             )
         broken = False
         try:
-            restore = self._apply(session.connection, ctx, remember=True)
+            restore: dict[str, Any] = {}
+            try:
+                self._apply(session.connection, ctx, restore)
+            except BaseException:  # a session must not keep half of a failed request's state
+                broken = not self._restore(session.connection, restore)
+                raise
             try:
                 yield session.connection
             finally:
@@ -192,8 +208,10 @@ class Engine:
 
     # -- query-level state ----------------------------------------------------------------
 
-    def _apply(self, conn: Any, ctx: QueryContext, remember: bool = False) -> dict[str, Any]:
-        restore: dict[str, Any] = {}
+    def _apply(self, conn: Any, ctx: QueryContext, restore: dict[str, Any] | None = None) -> None:
+        """Apply `ctx` to `conn`; on a session, `restore` collects what undoes it (even if this fails)."""
+        remember = restore is not None
+        restore = {} if restore is None else restore
         unknown = [name for name in ctx.settings if name not in self.known_settings]
         if unknown:
             raise ClickHouseError.named("UNKNOWN_SETTING", f"Unknown setting '{unknown[0]}'")
@@ -204,11 +222,19 @@ class Engine:
             restore["settings"] = [line.split("\t") for line in rows.splitlines()]
         if remember and ctx.database:
             restore["database"] = conn.query("SELECT currentDatabase()", "TSVRaw").bytes().decode().strip()
+        # `readonly` last: as ClickHouse applies the request's settings at once, readonly=1 must not
+        # refuse the other settings, nor the external tables (loaded under the request's settings).
         for name, value in ctx.settings.items():
-            _run(conn, f"SET {quote_identifier(name)} = {quote_string(value)}")
+            if name != "readonly":
+                _run(conn, f"SET {quote_identifier(name)} = {quote_string(value)}")
         if ctx.database:
             _run(conn, f"USE {quote_identifier(ctx.database)}")
-        return restore
+        for table in ctx.external_tables:
+            _run(conn, f"CREATE TEMPORARY TABLE {quote_identifier(table.name)} ({table.columns}) ENGINE = Memory")
+            restore.setdefault("tables", []).append(table.name)  # they live for one query, as in ClickHouse
+            _load_external_data(conn, table)
+        if "readonly" in ctx.settings:
+            _run(conn, f"SET readonly = {quote_string(ctx.settings['readonly'])}")
 
     @staticmethod
     def _restore(conn: Any, restore: dict[str, Any]) -> bool:
@@ -219,6 +245,8 @@ class Engine:
                 conn.query(f"SET {quote_identifier(name)} = {target}")
             if "database" in restore:
                 conn.query(f"USE {quote_identifier(restore['database'])}")
+            for name in restore.get("tables", []):
+                conn.query(f"DROP TEMPORARY TABLE IF EXISTS {quote_identifier(name)}")
         except Exception:
             log.exception("could not restore session state; dropping the session rather than leak settings")
             return False
@@ -237,6 +265,22 @@ class Engine:
             with session.lock:
                 session.connection.close()
         self._anchor.close()
+
+
+EXTERNAL_PIECE = 1 << 20
+
+
+def _load_external_data(conn: Any, table: ExternalTable) -> None:
+    try:
+        inserter = conn.send_insert(f"INSERT INTO {quote_identifier(table.name)}", table.input_format)
+        table.data.seek(0)
+        while piece := table.data.read(EXTERNAL_PIECE):
+            inserter.append(piece)
+        inserter.finish()
+    except ClickHouseError:
+        raise
+    except Exception as error:
+        raise ClickHouseError.from_engine(error) from None
 
 
 def _run(conn: Any, sql: str) -> None:

@@ -199,3 +199,19 @@ def quote_string(value: str) -> str:
 
 def quote_identifier(name: str) -> str:
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split a comma-separated list at the commas outside parentheses: `Map(String, UInt8),String`."""
+    parts: list[str] = []
+    depth, start = 0, 0
+    for i, char in enumerate(text):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return [part for part in parts if part]
