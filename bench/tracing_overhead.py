@@ -60,7 +60,7 @@ def start_pipeline(workdir: Path) -> tuple[list[Child], Settings]:
     wait_until_ready(settings.warehouse, timeout_s=60, alive=lambda: warehouse.alive)
     from fleetlens.schema import RenderOptions, migrate
 
-    migrate(connect(settings.warehouse), RenderOptions(database=settings.warehouse.database))
+    migrate(connect(settings.warehouse, database="default"), RenderOptions(database=settings.warehouse.database))
     collector = Child("collector", fleetlens_argv("collector", "--log-level", "warning"), workdir / "collector.log")
     collector.start(env)
     if not wait_http(f"http://127.0.0.1:{settings.collector.http_port}/health", 60, alive=lambda: collector.alive):
@@ -101,6 +101,8 @@ def measure(settings: Settings, models: Path, model: str, tracing: bool, args: a
         asyncio.run(workload(plan.url, plan.served_name, args.concurrency, args.concurrency, 8))  # warm-up
         tokens, seconds = asyncio.run(workload(plan.url, plan.served_name, args.requests, args.concurrency,
                                                args.max_tokens))
+        if tracing:
+            time.sleep(7)  # vLLM exports spans every ~5 s and does not flush them when stopped
     finally:
         launcher.stop()
     return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, "load_s": load_s}
@@ -133,6 +135,7 @@ def main() -> None:
                     console.print(f"round {round_no + 1} tracing {'on ' if tracing else 'off'}: "
                                   f"{result['tok_s']:,.0f} tok/s ({result['tokens']} tokens in "
                                   f"{result['seconds']:.2f} s; ready after {result['load_s']:.0f} s)")
+            time.sleep(2)  # the collector's last batch
             spans = connect(settings.warehouse).query(
                 "SELECT count() FROM otel_traces WHERE SpanName = 'llm_request'").result_rows[0][0]
         finally:
