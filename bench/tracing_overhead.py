@@ -56,15 +56,20 @@ def start_pipeline(workdir: Path) -> tuple[list[Child], Settings]:
     warehouse = Child("warehouse", fleetlens_argv("warehouse", "serve", "--path", str(workdir / "warehouse"),
                                                    "--port", str(settings.warehouse_server.port), "--log-level",
                                                    "warning"), workdir / "warehouse.log")
-    warehouse.start(env)
-    wait_until_ready(settings.warehouse, timeout_s=60, alive=lambda: warehouse.alive)
-    from fleetlens.schema import RenderOptions, migrate
-
-    migrate(connect(settings.warehouse, database="default"), RenderOptions(database=settings.warehouse.database))
     collector = Child("collector", fleetlens_argv("collector", "--log-level", "warning"), workdir / "collector.log")
-    collector.start(env)
-    if not wait_http(f"http://127.0.0.1:{settings.collector.http_port}/health", 60, alive=lambda: collector.alive):
-        raise RuntimeError(f"collector did not start: {collector.log_path}")
+    try:
+        warehouse.start(env)
+        wait_until_ready(settings.warehouse, timeout_s=60, alive=lambda: warehouse.alive)
+        from fleetlens.schema import RenderOptions, migrate
+
+        migrate(connect(settings.warehouse, database="default"), RenderOptions(database=settings.warehouse.database))
+        collector.start(env)
+        if not wait_http(f"http://127.0.0.1:{settings.collector.http_port}/health", 60, alive=lambda: collector.alive):
+            raise RuntimeError(f"collector did not start: {collector.log_path}")
+    except BaseException:
+        collector.stop()
+        warehouse.stop()
+        raise
     return [warehouse, collector], settings
 
 
