@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -289,6 +290,22 @@ class Settings(BaseSettings):
     def replicas_path(self) -> Path:
         """Where launched replicas register themselves (the gateway and the scraper watch it)."""
         return self.replica.registry_dir or self.data_dir / "replicas"
+
+
+def read_yaml_file(path: str | os.PathLike[str], label: str) -> Any:
+    """The YAML document in `path`; a missing file or bad YAML is a ConfigError naming `label`, the
+    path and the line, never a traceback."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{label} {path}: {error.strerror or error}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{label} {path}: not valid YAML{where}") from None
 
 
 def _format_validation_error(error: ValidationError) -> str:

@@ -33,10 +33,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fleetlens.config import ConfigError
+from fleetlens.config import ConfigError, read_yaml_file
 from . import errors
 
 log = logging.getLogger(__name__)
@@ -235,18 +234,7 @@ class KeyStore:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> KeyStore:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as error:
-            raise ConfigError(f"API keys file {path}: {error.strerror or error}") from None
-        try:
-            entries = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"API keys file {path}: not valid YAML{where}") from None
-        return cls.from_entries(entries, source=str(path))
+        return cls.from_entries(read_yaml_file(path, "API keys file"), source=str(path))
 
     def __len__(self) -> int:
         return len(self._by_id)

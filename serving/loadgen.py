@@ -40,10 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fleetlens.config import ConfigError
+from fleetlens.config import ConfigError, read_yaml_file
 
 from .loadgen_report import Record, render_summary, summarize
 from .registry import DEFAULT_HARD_KEYWORDS, CascadePolicy, RequestFeatures, difficulty
@@ -239,18 +238,7 @@ def parse_mix(data: Any, *, source: str = "traffic mix") -> TrafficMix:
 
 
 def load_mix(path: str | Path) -> TrafficMix:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"traffic mix {path}: {error.strerror or error}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"traffic mix {path}: not valid YAML{where}") from None
-    return parse_mix(data, source=str(path))
+    return parse_mix(read_yaml_file(path, "traffic mix"), source=str(path))
 
 
 # --------------------------------------------------------------------------- prompts

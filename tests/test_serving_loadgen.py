@@ -8,10 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import statistics
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,10 +16,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import REPO, WarehouseProcess, migrated_database, stop_group, wait_for
+from conftest import REPO, WarehouseProcess, gateway_process, migrated_database, wait_for
 from fleetlens import semconv as sc
 from fleetlens.config import ConfigError
-from fleetlens.net import free_port, wait_http
 from fleetlens.serving import loadgen
 from fleetlens.serving.keys import generate_key
 from fleetlens.serving.stub_upstream import StubConfig, StubServer
@@ -179,22 +175,10 @@ def gateway_stack(tmp_path: Path, warehouse: WarehouseProcess, start_collector):
         keys[f"FLEETLENS_KEY_{customer.upper()}"] = key
         lines.append(f"- {{id: {customer}-1, customer: {customer}, hash: '{digest}'}}\n")
     (tmp_path / "keys.yaml").write_text("".join(lines))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
-    env.update({"FLEETLENS_GATEWAY__OTLP_ENDPOINT": collector.endpoint, "FLEETLENS_DATA_DIR": str(tmp_path)})
-    log = open(tmp_path / "gateway.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fleetlens", "gateway", "--port", str(port), "--models", str(tmp_path / "models.yaml"),
-         "--routes", str(tmp_path / "routes.yaml"), "--keys", str(tmp_path / "keys.yaml")],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
     try:
-        assert wait_http(base + "/health", 30, alive=lambda: process.poll() is None), \
-            (tmp_path / "gateway.log").read_text()
-        yield {"base": base, "keys": keys, "client": warehouse.client(database="serving_loadgen")}
+        with gateway_process(tmp_path, collector.endpoint) as base:
+            yield {"base": base, "keys": keys, "client": warehouse.client(database="serving_loadgen")}
     finally:
-        stop_group(process, signal.SIGTERM, 20)
-        log.close()
         for stub in (*small, large):
             stub.stop()
 
