@@ -3,7 +3,7 @@ side by side with LiteLLM's proxy in front of the same upstream.
 
     .venv/bin/python bench/gateway_overhead.py [--concurrency 50,1] [--seconds 5] [--rounds 3]
         [--max-concurrency 64] [--max-seconds 10] [--completion-tokens 4] [--tokens-per-s 0]
-        [--litellm/--no-litellm] [--profile] [--json results.json]
+        [--arrivals staggered|lockstep] [--litellm/--no-litellm] [--profile] [--json results.json]
 
 What runs (every child in its own process group on loopback ports, always stopped):
 - upstream: the stub upstream (`python -m fleetlens.serving.stub_upstream`, zero added delay), in its
@@ -19,6 +19,10 @@ The load client is this process: raw asyncio (uvloop) over HTTP/1.1 keep-alive s
 concurrent stream, requests pre-serialized, chunked responses decoded by hand (~30 µs of client CPU
 per request, where httpx costs ~10x that), so on 2 cores it does not become the bottleneck; its
 CPU share is printed. Each stream is closed-loop: send, read to the last chunk, send the next.
+Against a paced upstream (`--tokens-per-s`) the streams enter spread over one stream's length and
+each stream's first request is not measured (`--arrivals staggered`, steady state); `lockstep`
+starts all of them at once, and paced streams then stay in step, so every 16 x 20 ms all 50 end
+and 50 new requests arrive in the same millisecond: a burst test, reported as such.
 
 Measured:
 1. latency at each `--concurrency` (default 50 concurrent streams, and 1): `--rounds` rounds of
@@ -161,7 +165,7 @@ def start_upstream(stack: Stack, args: argparse.Namespace) -> str:
     return url
 
 
-def start_gateway(stack: Stack, upstream: str) -> tuple[str, str, Child, list[Child]]:
+def start_gateway(stack: Stack, upstream: str, tracing: bool = True) -> tuple[str, str, Child, list[Child]]:
     """Warehouse + schema + collector + gateway (tracing to the collector); returns URL, key, gateway, collector."""
     import clickhouse_connect
 
@@ -200,6 +204,8 @@ def start_gateway(stack: Stack, upstream: str) -> tuple[str, str, Child, list[Ch
     port = free_port()
     env = {"FLEETLENS_GATEWAY__OTLP_ENDPOINT": f"http://127.0.0.1:{http_port}",
            "FLEETLENS_DATA_DIR": str(work / "gateway")}
+    if not tracing:  # diagnosis only: the SDK hands out no-op tracers, nothing is exported
+        env["OTEL_SDK_DISABLED"] = "true"
     gateway = Child("gateway", fleetlens("gateway", "--port", str(port), "--models", str(work / "models.yaml"),
                                          "--routes", str(work / "routes.yaml"), "--keys", str(work / "keys.yaml"),
                                          "--log-level", "warning"), work / "gateway.log", env)
@@ -329,17 +335,28 @@ class Phase:
     latencies: list[float] = field(default_factory=list)
     ttfbs: list[float] = field(default_factory=list)
     errors: int = 0
+    completed: int = 0  # every answered request, measured or not (CPU per request divides by this)
     seconds: float = 0.0
     server_cpu_s: float = 0.0
     extra_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
 
 
-async def closed_loop(target: Target, concurrency: int, seconds: float, phase: Phase) -> None:
-    connections = [Connection(target) for _ in range(concurrency)]
-    stop_at = time.perf_counter() + seconds
+async def closed_loop(target: Target, concurrency: int, seconds: float, phase: Phase, stagger_s: float = 0.0) -> None:
+    """`concurrency` streams, each sending its next request when the last one ended, for `seconds`.
 
-    async def worker(conn: Connection) -> None:
+    With `stagger_s` > 0 stream i enters at i/concurrency x stagger_s and its first request is not
+    measured: steady-state concurrency, as a fleet sees it. Streams that all start together against
+    a paced upstream stay in lockstep for the whole phase (every stream ends, and the next 50
+    requests arrive, in the same millisecond), which measures a burst of `concurrency` simultaneous
+    arrivals instead (`--arrivals lockstep`)."""
+    connections = [Connection(target) for _ in range(concurrency)]
+    stop_at = time.perf_counter() + stagger_s + seconds
+
+    async def worker(index: int, conn: Connection) -> None:
+        measured = not stagger_s
+        if stagger_s:
+            await asyncio.sleep(stagger_s * index / concurrency)
         while time.perf_counter() < stop_at:
             try:
                 latency, first, ok = await conn.call()
@@ -349,7 +366,10 @@ async def closed_loop(target: Target, concurrency: int, seconds: float, phase: P
                 conn.writer = None
                 await asyncio.sleep(0.01)
                 continue
-            if ok:
+            phase.completed += 1
+            if not measured:
+                measured = True
+            elif ok:
                 phase.latencies.append(latency)
                 phase.ttfbs.append(first)
             else:
@@ -358,7 +378,7 @@ async def closed_loop(target: Target, concurrency: int, seconds: float, phase: P
     cpu0 = target.server.cpu_seconds() if target.server else 0.0
     extra0 = sum(c.cpu_seconds() for c in target.extra)
     own0, wall0 = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(worker(c) for c in connections))
+    await asyncio.gather(*(worker(i, c) for i, c in enumerate(connections)))
     phase.seconds += time.perf_counter() - wall0
     phase.client_cpu_s += time.process_time() - own0
     phase.server_cpu_s += (target.server.cpu_seconds() if target.server else 0.0) - cpu0
@@ -473,9 +493,13 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=8.0)
     parser.add_argument("--completion-tokens", type=int, default=4, help="content chunks per stream")
     parser.add_argument("--tokens-per-s", type=float, default=0.0, help="stub stream pacing (0 = unpaced)")
+    parser.add_argument("--arrivals", choices=("staggered", "lockstep"), default="staggered",
+                        help="paced streams: enter spread over one stream's length (steady state), or all at once")
     parser.add_argument("--litellm", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--litellm-venv", type=Path, default=Path("/tmp/litellm-venv"))
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--gateway-tracing", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-gateway-tracing: diagnosis only, the gateway exports no spans")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",") if c]
@@ -493,7 +517,7 @@ def main() -> int:
     try:
         with console.status("starting upstream, warehouse, collector, gateway..."):
             upstream = start_upstream(stack, args)
-            gw_url, key, gateway, tracing = start_gateway(stack, upstream)
+            gw_url, key, gateway, tracing = start_gateway(stack, upstream, tracing=args.gateway_tracing)
         body = {"model": MODEL, "stream": True, "max_tokens": args.completion_tokens,
                 "stream_options": {"include_usage": True},
                 "messages": [{"role": "user", "content": "how much does a token cost on this fleet"}]}
@@ -510,6 +534,10 @@ def main() -> int:
             except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
                 notes.append(f"LiteLLM skipped: {str(error)[-600:]}")
                 console.print(f"[yellow]{notes[-1]}[/yellow]")
+
+        # one stream's length against a paced upstream: streams enter spread over it (see closed_loop)
+        stagger_s = (args.completion_tokens / args.tokens_per_s
+                     if args.tokens_per_s and args.arrivals == "staggered" else 0.0)
 
         async def run_all() -> None:
             # warm-up (connections, JIT-free but caches, LiteLLM's first-request setup)
@@ -528,7 +556,7 @@ def main() -> int:
                             raw = Path(tempfile.gettempdir()) / f"fleetlens-gateway-overhead-c{level}.raw"
                             profiling = (start_profile(gateway.process.pid, args.seconds, raw), raw)
                         console.print(f"  c={level} round {round_ + 1}/{args.rounds}: {target.name}")
-                        await closed_loop(target, level, args.seconds, phases[target.name])
+                        await closed_loop(target, level, args.seconds, phases[target.name], stagger_s)
                         if profiling and profiling[0]:
                             profiling[0].wait(timeout=60)
                             results.setdefault("profiles", []).append(profiling[1])
@@ -576,19 +604,20 @@ def report(results: dict, targets: list[Target], levels: list[int], args: argpar
             if target.name != "direct" and p.latencies and direct.latencies:
                 added50 = pct(p.latencies, 50) - pct(direct.latencies, 50)
                 added99 = pct(p.latencies, 99) - pct(direct.latencies, 99)
-            cpu_per = p.server_cpu_s / n if n else None
-            row = {"streams": level, "target": target.name, "requests": n, "rps": n / p.seconds if p.seconds else 0,
+            done = p.completed
+            cpu_per = p.server_cpu_s / done if done else None
+            row = {"streams": level, "target": target.name, "requests": n, "rps": done / p.seconds if p.seconds else 0,
                    "errors": p.errors, "p50_ms": _ms(pct(p.latencies, 50)), "p99_ms": _ms(pct(p.latencies, 99)),
                    "ttfb_p50_ms": _ms(pct(p.ttfbs, 50)), "ttfb_p99_ms": _ms(pct(p.ttfbs, 99)),
                    "added_p50_ms": _ms(added50), "added_p99_ms": _ms(added99),
                    "server_cpu_ms_per_request": _ms(cpu_per),
-                   "collector_warehouse_cpu_ms_per_request": _ms(p.extra_cpu_s / n if n and target.extra else None),
+                   "collector_warehouse_cpu_ms_per_request": _ms(p.extra_cpu_s / done if done and target.extra else None),
                    "client_cpu_share": p.client_cpu_s / p.seconds}
             out["latency"].append(row)
             table.add_row(str(level), target.name, str(n), f"{row['rps']:.0f}", str(p.errors),
                           ms(pct(p.latencies, 50)), ms(pct(p.latencies, 99)), ms(pct(p.ttfbs, 50)),
                           ms(pct(p.ttfbs, 99)), ms(added50), ms(added99), ms(cpu_per),
-                          ms(p.extra_cpu_s / n if n and target.extra else None),
+                          ms(p.extra_cpu_s / done if done and target.extra else None),
                           f"{100 * row['client_cpu_share']:.0f}%")
         table.add_section()
     table.caption = ("added = target percentile − direct percentile; server CPU = the proxy's process(es) "
@@ -609,7 +638,7 @@ def report(results: dict, targets: list[Target], levels: list[int], args: argpar
     for column in ("target", "req/s", "errors", "p50 ms", "p99 ms", "server CPU ms/req", "server CPU cores"):
         peak.add_column(column, justify="left" if column == "target" else "right")
     for name, p in results["max_rps"].items():
-        n = len(p.latencies)
+        n = p.completed
         rps = n / p.seconds if p.seconds else 0
         peak.add_row(name, f"{rps:.0f}", str(p.errors), ms(pct(p.latencies, 50)), ms(pct(p.latencies, 99)),
                      ms(p.server_cpu_s / n if n else None), f"{p.server_cpu_s / p.seconds:.2f}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -177,6 +179,16 @@ def start_collector(tmp_path: Path) -> Iterator[Callable[..., CollectorProcess]]
     yield start
     for collector in started:
         collector.stop()
+
+
+def run_async(test):
+    """Run an async test on a fresh event loop (the suite uses no async pytest plugin)."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+
+    return wrapper
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 30.0, interval_s: float = 0.1) -> object:

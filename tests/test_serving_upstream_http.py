@@ -5,7 +5,6 @@ exception the gateway's fallback rules key on."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import socket
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import run_async
 from fleetlens.net import free_port
 from fleetlens.serving.stub_upstream import StubConfig, StubServer
 from fleetlens.serving.upstream_http import AiohttpTransport
@@ -23,16 +23,6 @@ def stub():
     server = StubServer(StubConfig(model="m", completion_tokens=5)).start()
     yield server
     server.stop()
-
-
-def run_async(test):
-    """Run an async test on a fresh event loop (the suite uses no async pytest plugin)."""
-
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return wrapper
 
 
 def _client(**timeouts: float) -> httpx.AsyncClient:
