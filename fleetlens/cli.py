@@ -245,6 +245,21 @@ def _migrate(settings: Settings) -> None:
         console.print(f"[yellow]warning: {m.version:04d}_{m.name} changed since it was applied (not re-run)[/yellow]")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def dbt(ctx: typer.Context) -> None:
+    """Run dbt on FleetLens' project against the configured warehouse: `fleetlens dbt build`, `... dbt test`.
+
+    Everything after `dbt` goes to dbt; the connection comes from FLEETLENS_WAREHOUSE_URL (the
+    embedded warehouse by default), the models go to the `{database}_marts` database."""
+    from .transform import run_dbt
+
+    if not ctx.args:
+        err_console.print("name a dbt command: fleetlens dbt build | run | test | seed | source freshness | ...")
+        raise typer.Exit(2)
+    result = run_dbt(list(ctx.args), _settings())
+    raise typer.Exit(result.returncode)
+
+
 @app.command()
 def status() -> None:
     """What runs where: the warehouse, its tables and their row counts, the collector's counters."""
