@@ -335,7 +335,7 @@ class Phase:
     latencies: list[float] = field(default_factory=list)
     ttfbs: list[float] = field(default_factory=list)
     errors: int = 0
-    completed: int = 0  # every answered request, measured or not (CPU per request divides by this)
+    completed: int = 0  # every successful request, measured or not (req/s and CPU per request count these)
     seconds: float = 0.0
     server_cpu_s: float = 0.0
     extra_cpu_s: float = 0.0
@@ -366,14 +366,14 @@ async def closed_loop(target: Target, concurrency: int, seconds: float, phase: P
                 conn.writer = None
                 await asyncio.sleep(0.01)
                 continue
+            if not ok:
+                phase.errors += 1
+                continue
             phase.completed += 1
-            if not measured:
-                measured = True
-            elif ok:
+            if measured:
                 phase.latencies.append(latency)
                 phase.ttfbs.append(first)
-            else:
-                phase.errors += 1
+            measured = True
 
     cpu0 = target.server.cpu_seconds() if target.server else 0.0
     extra0 = sum(c.cpu_seconds() for c in target.extra)

@@ -181,6 +181,22 @@ def start_collector(tmp_path: Path) -> Iterator[Callable[..., CollectorProcess]]
         collector.stop()
 
 
+def child_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without FLEETLENS_* settings (a developer's own must not reach a test's
+    child process), plus `overrides`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
+    env.update(overrides or {})
+    return env
+
+
+def stub_models_yaml(**replica_urls: list[str]) -> str:
+    """models.yaml for stub replicas: model NAME, served as NAME-served, bf16 on cpu, at these URLs."""
+    return "models:\n" + "".join(
+        f"  {name}:\n    path: /models/{name}\n    served_name: {name}-served\n    variant: bf16\n"
+        f"    gpu: {{type: cpu, count: 1}}\n    replicas: 0\n    replica_urls: [{', '.join(urls)}]\n"
+        for name, urls in replica_urls.items())
+
+
 def run_async(test):
     """Run an async test on a fresh event loop (the suite uses no async pytest plugin)."""
 
@@ -222,8 +238,7 @@ def gateway_process(workdir: Path, otlp_endpoint: str, timeout_s: float = 30.0) 
     """`fleetlens gateway` on a free port with `workdir`'s models.yaml, routes.yaml and keys.yaml, tracing
     to `otlp_endpoint`, data dir `workdir`; yields its base URL and stops its process group afterwards."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
-    env.update({"FLEETLENS_GATEWAY__OTLP_ENDPOINT": otlp_endpoint, "FLEETLENS_DATA_DIR": str(workdir)})
+    env = child_env({"FLEETLENS_GATEWAY__OTLP_ENDPOINT": otlp_endpoint, "FLEETLENS_DATA_DIR": str(workdir)})
     log_path = workdir / "gateway.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

@@ -13,17 +13,16 @@ import httpx
 import psutil
 import pytest
 
-from conftest import free_port
+from conftest import child_env, free_port
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_up_then_signal_leaves_no_process(tmp_path, sig):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
     otlp_port = free_port()
-    env.update({"FLEETLENS_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200",
-                "FLEETLENS_COLLECTOR__HTTP_PORT": str(otlp_port), "FLEETLENS_COLLECTOR__GRPC_PORT": str(free_port())})
+    env = child_env({"FLEETLENS_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200",
+                     "FLEETLENS_COLLECTOR__HTTP_PORT": str(otlp_port), "FLEETLENS_COLLECTOR__GRPC_PORT": str(free_port())})
     # start_new_session + SIG_IGN for SIGINT mimics a background job of a non-interactive shell
     up = subprocess.Popen([sys.executable, "-m", "fleetlens", "up", "--port", str(port), "--no-serving"],
                           cwd=tmp_path, env=env,
@@ -86,11 +85,10 @@ def test_up_with_serving_starts_gateway_and_demo_replicas(tmp_path, demo_models)
     (data / "models").mkdir(parents=True)
     (data / "models" / "demo").symlink_to(demo_models)
     port, gateway_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
-    env.update({"FLEETLENS_DATA_DIR": str(data), "COLUMNS": "200", "FLEETLENS_GATEWAY__PORT": str(gateway_port),
-                "FLEETLENS_COLLECTOR__HTTP_PORT": str(free_port()), "FLEETLENS_COLLECTOR__GRPC_PORT": str(free_port()),
-                "FLEETLENS_REPLICA__ENGINE_COMMAND":
-                    f'["{sys.executable}", "-m", "fleetlens.serving.stub_upstream", "--startup-delay-s", "1"]'})
+    env = child_env({"FLEETLENS_DATA_DIR": str(data), "COLUMNS": "200", "FLEETLENS_GATEWAY__PORT": str(gateway_port),
+                     "FLEETLENS_COLLECTOR__HTTP_PORT": str(free_port()), "FLEETLENS_COLLECTOR__GRPC_PORT": str(free_port()),
+                     "FLEETLENS_REPLICA__ENGINE_COMMAND":
+                         f'["{sys.executable}", "-m", "fleetlens.serving.stub_upstream", "--startup-delay-s", "1"]'})
     up = subprocess.Popen([sys.executable, "-m", "fleetlens", "up", "--port", str(port), "--serving"], cwd=tmp_path,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []

@@ -19,7 +19,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 
 from fleetlens.collector.mapping import COLUMNS, map_request
 
-from conftest import CollectorProcess, WarehouseProcess, migrated_database, wait_for
+from conftest import CollectorProcess, WarehouseProcess, child_env, migrated_database, wait_for
 
 
 @pytest.fixture
@@ -170,16 +170,14 @@ def test_partial_success_reports_invalid_spans(collector: CollectorProcess, ware
 
 
 def test_status_shows_collector_counters(collector: CollectorProcess) -> None:
-    import os
     import subprocess
     import sys
 
     request_spans = _emit_spans(_http_exporter(collector), "status-svc")
     assert len(request_spans) == 3
     wait_for(lambda: collector.metrics().get("fleetlens_collector_written_spans_total") == 3)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
-    env.update({"FLEETLENS_WAREHOUSE_URL": collector.warehouse_url,
-                "FLEETLENS_COLLECTOR__HTTP_PORT": str(collector.http_port), "COLUMNS": "200"})
+    env = child_env({"FLEETLENS_WAREHOUSE_URL": collector.warehouse_url,
+                     "FLEETLENS_COLLECTOR__HTTP_PORT": str(collector.http_port), "COLUMNS": "200"})
     out = subprocess.run([sys.executable, "-m", "fleetlens", "status"], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr

@@ -5,7 +5,6 @@ collector's otel_traces schema, with the attribute names the gateway and vLLM re
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WarehouseProcess, migrated_database
+from conftest import WarehouseProcess, child_env, migrated_database
 from fleetlens import semconv as sc
 
 RAW = "dbt_fleet"
@@ -71,8 +70,7 @@ def insert_spans(client, rows: list[dict[str, object]]) -> None:
 
 
 def fleetlens_dbt(url: str, data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
-    env.update({"FLEETLENS_WAREHOUSE_URL": url, "FLEETLENS_DATA_DIR": str(data_dir)})
+    env = child_env({"FLEETLENS_WAREHOUSE_URL": url, "FLEETLENS_DATA_DIR": str(data_dir)})
     return subprocess.run([sys.executable, "-m", "fleetlens", "dbt", *args], env=env, capture_output=True,
                           text=True, timeout=600)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import WarehouseProcess, gateway_process, migrated_database, wait_for
+from conftest import WarehouseProcess, gateway_process, migrated_database, stub_models_yaml, wait_for
 from fleetlens import semconv as sc
 from fleetlens.serving.keys import generate_key
 from fleetlens.serving.stub_upstream import StubConfig, StubServer
@@ -23,14 +23,7 @@ def stack(tmp_path: Path, warehouse: WarehouseProcess, start_collector):
     collector = start_collector(url)
     small = [StubServer(StubConfig(model="small-served")).start() for _ in range(2)]
     large = StubServer(StubConfig(model="large-served")).start()
-    (tmp_path / "models.yaml").write_text(
-        "models:\n"
-        "  small:\n    path: /models/small\n    served_name: small-served\n    variant: bf16\n"
-        "    gpu: {type: cpu, count: 1}\n    replicas: 0\n"
-        f"    replica_urls: [{small[0].url}, {small[1].url}]\n"
-        "  large:\n    path: /models/large\n    served_name: large-served\n    variant: bf16\n"
-        "    gpu: {type: cpu, count: 1}\n    replicas: 0\n"
-        f"    replica_urls: [{large.url}]\n")
+    (tmp_path / "models.yaml").write_text(stub_models_yaml(small=[s.url for s in small], large=[large.url]))
     (tmp_path / "routes.yaml").write_text(
         "default: chat\nfeatures:\n  chat:\n    model: small\n    fallback: [large]\n    max_attempts: 3\n"
         "pool:\n  health_check: {interval_s: 0.5, timeout_s: 0.5, unhealthy_after: 1}\n")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import REPO, WarehouseProcess, gateway_process, migrated_database, wait_for
+from conftest import REPO, WarehouseProcess, gateway_process, migrated_database, stub_models_yaml, wait_for
 from fleetlens import semconv as sc
 from fleetlens.config import ConfigError
 from fleetlens.serving import loadgen
@@ -156,14 +156,7 @@ def gateway_stack(tmp_path: Path, warehouse: WarehouseProcess, start_collector):
     collector = start_collector(url)
     small = [StubServer(StubConfig(model="small-served", completion_tokens=1000)).start() for _ in range(2)]
     large = StubServer(StubConfig(model="large-served", completion_tokens=1000)).start()
-    (tmp_path / "models.yaml").write_text(
-        "models:\n"
-        "  small:\n    path: /models/small\n    served_name: small-served\n    variant: bf16\n"
-        "    gpu: {type: cpu, count: 1}\n    replicas: 0\n"
-        f"    replica_urls: [{small[0].url}, {small[1].url}]\n"
-        "  large:\n    path: /models/large\n    served_name: large-served\n    variant: bf16\n"
-        "    gpu: {type: cpu, count: 1}\n    replicas: 0\n"
-        f"    replica_urls: [{large.url}]\n")
+    (tmp_path / "models.yaml").write_text(stub_models_yaml(small=[s.url for s in small], large=[large.url]))
     (tmp_path / "routes.yaml").write_text(
         "default: chat\nfeatures:\n"
         "  chat:\n    cascade: {small: small, large: large, threshold: 0.5}\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import WarehouseProcess, migrated_database, stop_group, wait_for
+from conftest import WarehouseProcess, child_env, migrated_database, stop_group, wait_for
 from fleetlens import semconv as sc
 from fleetlens.config import ConfigError, Settings
 from fleetlens.net import free_port, wait_http
@@ -112,11 +112,10 @@ def gateway_with_directory(tmp_path: Path, warehouse: WarehouseProcess, start_co
         "pool:\n  health_check: {interval_s: 0.5, timeout_s: 0.5}\n")
     key, digest = generate_key()
     (tmp_path / "keys.yaml").write_text(f"- {{id: k1, customer: acme, hash: '{digest}', feature: chat}}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
-    env.update({"FLEETLENS_DATA_DIR": str(tmp_path), "FLEETLENS_GATEWAY__OTLP_ENDPOINT": collector.endpoint,
-                "FLEETLENS_GATEWAY__MODELS_FILE": str(tmp_path / "models.yaml"),
-                "FLEETLENS_GATEWAY__ROUTES_FILE": str(tmp_path / "routes.yaml"),
-                "FLEETLENS_GATEWAY__KEYS_FILE": str(tmp_path / "keys.yaml")})
+    env = child_env({"FLEETLENS_DATA_DIR": str(tmp_path), "FLEETLENS_GATEWAY__OTLP_ENDPOINT": collector.endpoint,
+                     "FLEETLENS_GATEWAY__MODELS_FILE": str(tmp_path / "models.yaml"),
+                     "FLEETLENS_GATEWAY__ROUTES_FILE": str(tmp_path / "routes.yaml"),
+                     "FLEETLENS_GATEWAY__KEYS_FILE": str(tmp_path / "keys.yaml")})
     port = free_port()
     with open(tmp_path / "gateway.log", "wb") as log:
         gateway = subprocess.Popen([sys.executable, "-m", "fleetlens", "gateway", "--port", str(port)],
@@ -182,9 +181,8 @@ def test_engine_that_dies_during_load_fails_with_its_log(tmp_path: Path) -> None
     (tmp_path / "models.yaml").write_text(
         "models:\n  small:\n    path: /ckpt/small\n    variant: bf16\n    gpu: {type: cpu}\n")
     engine = [sys.executable, "-c", "import sys; print('CUDA out of memory (pretend)'); sys.exit(3)"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
-    env.update({"FLEETLENS_DATA_DIR": str(tmp_path), "FLEETLENS_REPLICA__ENGINE_COMMAND": json.dumps(engine),
-                "FLEETLENS_COLLECTOR__HTTP_PORT": str(free_port())})  # no collector: the span is lost, counted
+    env = child_env({"FLEETLENS_DATA_DIR": str(tmp_path), "FLEETLENS_REPLICA__ENGINE_COMMAND": json.dumps(engine),
+                     "FLEETLENS_COLLECTOR__HTTP_PORT": str(free_port())})  # no collector: the span is lost, counted
     result = subprocess.run([sys.executable, "-m", "fleetlens", "serve", "replica", "--model", "small",
                              "--models", str(tmp_path / "models.yaml")],
                             capture_output=True, text=True, env=env, timeout=60)

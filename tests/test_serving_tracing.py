@@ -15,7 +15,7 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import TracerProvider
 
-from conftest import gateway_process, run_async, wait_for
+from conftest import gateway_process, run_async, stub_models_yaml, wait_for
 from fleetlens.net import free_port
 from fleetlens.serving.keys import generate_key
 from fleetlens.serving.stub_upstream import StubConfig, StubServer
@@ -160,9 +160,7 @@ async def test_past_the_queue_limit_spans_are_dropped_and_counted() -> None:
 
 def test_the_gateway_answers_with_its_collector_down_and_counts_the_loss(tmp_path: Path) -> None:
     upstream = StubServer(StubConfig(model="small-served")).start()
-    (tmp_path / "models.yaml").write_text(
-        "models:\n  small:\n    path: /models/small\n    served_name: small-served\n    variant: bf16\n"
-        f"    gpu: {{type: cpu, count: 1}}\n    replicas: 0\n    replica_urls: [{upstream.url}]\n")
+    (tmp_path / "models.yaml").write_text(stub_models_yaml(small=[upstream.url]))
     (tmp_path / "routes.yaml").write_text("default: chat\nfeatures:\n  chat:\n    model: small\n")
     key, digest = generate_key()
     (tmp_path / "keys.yaml").write_text(f"- {{id: k1, customer: acme, hash: '{digest}', feature: chat}}\n")

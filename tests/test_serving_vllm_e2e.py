@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import CollectorProcess, WarehouseProcess, migrated_database, stop_group, wait_for
+from conftest import CollectorProcess, WarehouseProcess, child_env, migrated_database, stop_group, wait_for
 from fleetlens import semconv as sc
 from fleetlens.net import free_port, wait_http
 from fleetlens.serving.keys import generate_key
@@ -59,13 +59,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, warehouse: WarehouseProcess,
     (tmp / "keys.yaml").write_text(
         f"- {{id: acme-1, customer: acme, hash: '{keys['acme'][1]}', feature: lookup}}\n"
         f"- {{id: globex-1, customer: globex, hash: '{keys['globex'][1]}', feature: chat}}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
-    env.update({"FLEETLENS_DATA_DIR": str(tmp), "FLEETLENS_GATEWAY__OTLP_ENDPOINT": collector.endpoint,
-                "FLEETLENS_COLLECTOR__HTTP_PORT": str(collector.http_port),
-                "FLEETLENS_GATEWAY__MODELS_FILE": str(demo_models / "models.yaml"),
-                "FLEETLENS_GATEWAY__ROUTES_FILE": str(tmp / "routes.yaml"),
-                "FLEETLENS_GATEWAY__KEYS_FILE": str(tmp / "keys.yaml"),
-                "FLEETLENS_REPLICA__KV_CACHE_GIB": "0.5"})
+    env = child_env({"FLEETLENS_DATA_DIR": str(tmp), "FLEETLENS_GATEWAY__OTLP_ENDPOINT": collector.endpoint,
+                     "FLEETLENS_COLLECTOR__HTTP_PORT": str(collector.http_port),
+                     "FLEETLENS_GATEWAY__MODELS_FILE": str(demo_models / "models.yaml"),
+                     "FLEETLENS_GATEWAY__ROUTES_FILE": str(tmp / "routes.yaml"),
+                     "FLEETLENS_GATEWAY__KEYS_FILE": str(tmp / "keys.yaml"),
+                     "FLEETLENS_REPLICA__KV_CACHE_GIB": "0.5"})
     port = free_port()
     processes: dict[str, subprocess.Popen[bytes]] = {}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import subprocess
 import sys
 import zlib
@@ -14,6 +13,8 @@ import lz4.frame
 import pytest
 import zstandard
 from clickhouse_connect.driver.exceptions import DatabaseError
+
+from conftest import child_env
 
 LIMIT = 256 * 1024
 
@@ -159,7 +160,7 @@ def test_request_and_response_compression(limited, encoding, decompress):
 
 
 def test_non_loopback_bind_without_password_is_refused(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLENS_")}
+    env = child_env()
     result = subprocess.run([sys.executable, "-m", "fleetlens", "warehouse", "serve", "--host", "0.0.0.0",
                              "--path", str(tmp_path / "wh"), "--port", "1"], capture_output=True, text=True,
                             timeout=60, env=env, cwd=tmp_path)
