@@ -64,9 +64,9 @@ def cold_start(at: datetime) -> dict[str, object]:
                 resource={sc.REPLICA: "llama-8b-0", sc.MODEL_VARIANT: "bf16"})
 
 
-def insert_spans(client, rows: list[dict[str, object]]) -> None:
+def insert_spans(client, rows: list[dict[str, object]], database: str = RAW) -> None:
     columns = list(rows[0])
-    client.insert(f"{RAW}.otel_traces", [[row[c] for c in columns] for row in rows], column_names=columns)
+    client.insert(f"{database}.otel_traces", [[row[c] for c in columns] for row in rows], column_names=columns)
 
 
 def fleetlens_dbt(url: str, data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -136,7 +136,7 @@ def test_sources_seeds_and_staging_build_and_test(raw, tmp_path: Path) -> None:
     # 3. a negative engine duration is caught by the YAML tests, and dbt says which
     bad = one_request(NOW)[4]
     insert_spans(client, [{**bad, "TraceId": "f" * 32, "SpanAttributes": {sc.VLLM_TIME_IN_QUEUE: "-0.5"}}])
-    failed = fleetlens_dbt(url, tmp_path, "test", "--select", "stg_otel__spans")
+    failed = fleetlens_dbt(url, tmp_path, "build", "--select", "stg_otel__spans")  # picked up, then tested
     assert failed.returncode == 1 and "non_negative_stg_otel__spans_engine_queue_s" in failed.stdout, explain(failed)
 
 

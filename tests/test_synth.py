@@ -1,5 +1,6 @@
-"""`fleetlens synth`: determinism, plausibility, trace shape, the direct path equal to the OTLP path
-through the real warehouse, fleet_metrics consistency, agreement with real vLLM captures, senders."""
+"""`fleetlens synth`: determinism, plausibility, trace shape, replica cold starts, the direct path equal to
+the OTLP path through the real warehouse, fleet_metrics consistency, agreement with real vLLM captures,
+senders."""
 
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ import typer
 from fleetlens.collector.mapping import COLUMNS, map_request
 from fleetlens.collector.scrape import parse_metrics
 from fleetlens.collector.synth.cli import parse_duration
-from fleetlens.collector.synth.direct import traces_table
+from fleetlens.collector.synth.direct import cold_starts_table, traces_table
 from fleetlens.collector.synth.fleet import Errors, default_fleet
 from fleetlens.collector.synth.generate import BLOCK, NS_PER_S, Outage, Synthesizer, to_ns, traffic_shape
 from fleetlens.collector.synth.metrics import SERIES, MetricsBuilder, metrics_table
-from fleetlens.collector.synth.otlp import export_requests
+from fleetlens.collector.synth.otlp import cold_start_requests, export_requests
 from fleetlens.collector.synth.run import send_to_collector, write_to_warehouse
-from fleetlens.collector.synth.spans import VLLM_SCOPE, resources
+from fleetlens.collector.synth.spans import REPLICA_SCOPE, VLLM_SCOPE, resources
 from fleetlens.collector.synth.transport import OtlpGrpcSender, OtlpHttpSender, retry_after_seconds
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -52,6 +53,15 @@ def otlp_rows(frame) -> dict[str, dict]:
     return rows
 
 
+def cold_start_rows(synth, max_spans: int = 1000) -> list[dict]:
+    """The run's cold starts as the collector's mapping writes them (OTLP path), in replica order."""
+    rows = []
+    for message in cold_start_requests(synth, max_spans):
+        columns = map_request(message).columns
+        rows += [{name: columns[name][i] for name in COLUMNS} for i in range(len(columns["SpanId"]))]
+    return rows
+
+
 def flaky_fleet():
     """Errors often enough that a few thousand requests cover every outcome."""
     fleet = default_fleet()
@@ -70,6 +80,17 @@ def test_same_seed_same_bytes_and_other_seed_differs():
     assert first != other
     a, b = traces_table(frames(7, n_requests=600)[0]), traces_table(frames(7, n_requests=600)[0])
     assert a.equals(b)
+
+    def cold(seed: int, start: str = START, **kwargs) -> list[bytes]:
+        kwargs.setdefault("n_requests", 600)
+        return [m.SerializeToString() for m in cold_start_requests(Synthesizer(seed, start, **kwargs))]
+
+    assert cold(7) == cold(7) != cold(8)
+    # the cold starts depend on the seed, the fleet and the range start only, not on the run's length
+    assert cold(7) == cold(7, n_requests=5) == cold(7, n_requests=None, duration_s=60)
+    assert cold(7) != cold(7, start="2026-01-05T00:00:01Z")
+    assert cold_starts_table(Synthesizer(7, START, n_requests=600)).equals(
+        cold_starts_table(Synthesizer(7, START, n_requests=1)))
 
 
 def test_requests_do_not_depend_on_chunk_size():
@@ -209,6 +230,112 @@ def test_synthetic_llm_request_looks_like_real_vllm():
     assert all(s.kind == real_spans[0][2].kind for _, _, s in our_spans)
 
 
+# -- replica cold starts --------------------------------------------------------------
+
+
+def test_one_cold_start_per_replica_ready_at_the_range_start():
+    fleet = default_fleet()
+    synth = Synthesizer(21, START, n_requests=300)
+    rows = cold_start_rows(synth, max_spans=5)  # several messages: still one span per replica
+    assert len(rows) == len(fleet.replicas) == len(synth.tables.replicas)
+    assert len({r["TraceId"] for r in rows}) == len(rows)  # each launch is its own trace
+    range_start = to_ns(START)
+    ranges = {"llama-3.2-3b-instruct": (35, 50), "llama-3.1-8b-instruct": (50, 80),
+              "llama-3.1-8b-instruct-ft2": (50, 80), "llama-3.3-70b-instruct": (150, 240)}
+    for row, (name, model) in zip(rows, fleet.replicas):
+        attrs, resource = row["SpanAttributes"], row["ResourceAttributes"]
+        assert row["SpanName"] == sc.COLD_START_SPAN and row["SpanKind"] == "Internal"
+        assert row["ServiceName"] == sc.REPLICA_SERVICE == resource["service.name"]
+        assert (row["ScopeName"], row["ScopeVersion"]) == REPLICA_SCOPE
+        assert row["StatusCode"] == "Ok" and row["StatusMessage"] == "" and row["ParentSpanId"] == ""
+        assert int(row["TraceId"], 16) and int(row["SpanId"], 16)
+        assert row["Timestamp"] + row["Duration"] == range_start  # ready exactly at the range start
+        assert float(attrs[sc.LOAD_SECONDS]) * 1e9 == pytest.approx(row["Duration"], abs=1)
+        assert ranges[model.name][0] <= row["Duration"] / 1e9 <= ranges[model.name][1]
+        assert attrs[sc.REPLICA] == name == resource[sc.REPLICA]
+        assert attrs[sc.REQUEST_MODEL] == model.name == resource[sc.REQUEST_MODEL]
+        assert attrs[sc.MODEL_VARIANT] == model.variant == resource[sc.MODEL_VARIANT]
+        assert attrs[sc.GPU_TYPE] == model.gpu and int(attrs[sc.GPU_COUNT]) == model.gpus
+        assert float(attrs[sc.GPU_HOURLY_USD]) == model.gpu_hour_usd
+        assert attrs[sc.REPLICA_URL] == f"http://{name}.vllm.internal:8000"
+        assert sc.ERROR_TYPE not in attrs
+    by_model = {m.name: [r["Duration"] for r, (_, m2) in zip(rows, fleet.replicas) if m2 is m] for m in fleet.models}
+    assert len(set(by_model["llama-3.3-70b-instruct"])) > 1  # replicas of one model load in different times
+    assert min(by_model["llama-3.3-70b-instruct"]) > 2 * max(by_model["llama-3.1-8b-instruct"])
+
+    # value types as the real launcher (serving/replica.py) sends them
+    span = next(cold_start_requests(synth)).resource_spans[0].scope_spans[0].spans[0]
+    types = {kv.key: kv.value.WhichOneof("value") for kv in span.attributes}
+    assert types == {sc.REPLICA: "string_value", sc.REQUEST_MODEL: "string_value", sc.MODEL_VARIANT: "string_value",
+                     sc.REPLICA_URL: "string_value", sc.GPU_TYPE: "string_value", sc.GPU_COUNT: "int_value",
+                     sc.LOAD_SECONDS: "double_value", sc.GPU_HOURLY_USD: "double_value"}
+    assert [m["load_seconds"] for m in fleet.describe()["models"]] == [m.load_seconds for m in fleet.models]
+
+    # the fleet_metrics scrapes follow: the first `up` sample of every replica is at or after the range start
+    builder = MetricsBuilder(synth)
+    first = builder.finish(range_start + 20 * NS_PER_S)
+    up = first.series == 0
+    assert set(first.replica[up].tolist()) == set(range(len(rows)))
+    assert first.ts_ms[up].min() * 1_000_000 >= range_start
+
+
+class _Inserts:
+    """A warehouse client that keeps what `write_to_warehouse` inserts."""
+
+    def __init__(self) -> None:
+        self.tables: list[tuple[str, object]] = []
+
+    def insert_arrow(self, table: str, data, database=None) -> None:
+        self.tables.append((table, data))
+
+    def cold_starts(self) -> list[str]:
+        return [span_id for name, t in self.tables if name == "otel_traces"
+                for span_id, span_name in zip(t["SpanId"].to_pylist(), t["SpanName"].to_pylist())
+                if span_name == sc.COLD_START_SPAN]
+
+
+class _Messages:
+    def __init__(self) -> None:
+        self.messages: list[ExportTraceServiceRequest] = []
+
+    def send(self, request: ExportTraceServiceRequest) -> int:
+        self.messages.append(request)
+        return 0
+
+    def close(self) -> None:
+        pass
+
+    def cold_starts(self) -> list[str]:
+        return [span.span_id.hex() for m in self.messages for rs in m.resource_spans for ss in rs.scope_spans
+                for span in ss.spans if span.name == sc.COLD_START_SPAN]
+
+
+def test_runs_carry_the_cold_starts_once_however_chunked():
+    replicas = len(default_fleet().replicas)
+    n = BLOCK + 50
+    expected = [r["SpanId"] for r in cold_start_rows(Synthesizer(4, START, n_requests=n))]
+    for chunk in (BLOCK, 10 * BLOCK):
+        client = _Inserts()
+        stats = write_to_warehouse(Synthesizer(4, START, n_requests=n), client, chunk=chunk, metrics=False)
+        assert len(client.tables) == (3 if chunk == BLOCK else 2)  # the cold starts, then 2 chunks / 1 chunk
+        assert client.cold_starts() == expected and stats.cold_starts == replicas
+        assert stats.spans == sum(t.num_rows for _, t in client.tables)
+        assert set(client.tables[0][1]["SpanName"].to_pylist()) == {sc.COLD_START_SPAN}  # the run's first insert
+
+    sender = _Messages()
+    stats = send_to_collector(Synthesizer(4, START, n_requests=n), sender, chunk=BLOCK, max_spans=500)
+    assert sender.cold_starts() == expected and stats.cold_starts == replicas
+    assert stats.spans == sum(len(ss.spans) for m in sender.messages for rs in m.resource_spans
+                              for ss in rs.scope_spans) and stats.messages == len(sender.messages)
+    assert {span.name for rs in sender.messages[0].resource_spans for ss in rs.scope_spans
+            for span in ss.spans} == {sc.COLD_START_SPAN}  # the run's first message
+
+    client, sender = _Inserts(), _Messages()
+    write_to_warehouse(Synthesizer(4, START, n_requests=50), client, metrics=False, cold_starts=False)
+    send_to_collector(Synthesizer(4, START, n_requests=50), sender, cold_starts=False)
+    assert client.cold_starts() == [] and sender.cold_starts() == []
+
+
 # -- the direct path equals the OTLP path, through the warehouse -------------------------
 
 
@@ -221,21 +348,25 @@ def test_direct_rows_equal_mapped_otlp_rows_in_the_warehouse(warehouse):
     for db in ("synth_otlp", "synth_direct"):
         client.command(f"DROP DATABASE IF EXISTS {db}")
         migrate(client, RenderOptions(database=db))
-    for message in export_requests(frame):
+    for message in [*cold_start_requests(synth), *export_requests(frame)]:
         cols = map_request(message)
         client.insert("otel_traces", cols.as_lists(), column_names=list(COLUMNS), database="synth_otlp",
                       column_oriented=True)
+    client.insert_arrow("otel_traces", cold_starts_table(synth), database="synth_direct")
     client.insert_arrow("otel_traces", traces_table(frame), database="synth_direct")
 
     select = ", ".join(f"`{c}`" for c in COLUMNS).replace("`Timestamp`", "toUnixTimestamp64Nano(Timestamp)")
     select = select.replace("`Events.Timestamp`", "arrayMap(t -> toUnixTimestamp64Nano(t), `Events.Timestamp`)")
     otlp = client.query(f"SELECT {select} FROM synth_otlp.otel_traces ORDER BY SpanId").result_rows
     direct = client.query(f"SELECT {select} FROM synth_direct.otel_traces ORDER BY SpanId").result_rows
-    assert len(otlp) == frame.span_count == len(direct)
+    assert len(otlp) == frame.span_count + len(synth.tables.replicas) == len(direct)
     for a, b in zip(otlp, direct):
         assert a == b, [(name, x, y) for name, x, y in zip(COLUMNS, a, b) if x != y]
     keys = client.query("SELECT mapKeys(SpanAttributes) FROM synth_direct.otel_traces LIMIT 50").result_rows
     assert all(list(k[0]) == sorted(k[0]) for k in keys)
+    cold = client.query(f"SELECT count(), countIf(toUnixTimestamp64Nano(Timestamp) + Duration = {to_ns(START)}) "
+                        f"FROM synth_direct.otel_traces WHERE SpanName = '{sc.COLD_START_SPAN}'").result_rows
+    assert cold == [(len(synth.tables.replicas),) * 2]
 
 
 # -- fleet_metrics --------------------------------------------------------------------------
@@ -346,6 +477,7 @@ def test_otlp_http_sender_posts_protobuf_and_honours_retry_after():
     spans = sum(len(ss.spans) for body in handler.bodies for rs in ExportTraceServiceRequest.FromString(body)
                 .resource_spans for ss in rs.scope_spans)
     assert len(handler.bodies) == stats.messages and spans == stats.spans > 400 * 5
+    assert stats.cold_starts == len(synth.tables.replicas)
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:30 GMT", datetime(2015, 10, 21, 7, 28, tzinfo=timezone.utc)) == 30
     assert retry_after_seconds("1.5") == 1.5 and retry_after_seconds("soon") is None
 
@@ -384,6 +516,14 @@ def test_cli_writes_traces_and_metrics_to_the_warehouse(warehouse, monkeypatch):
     spans = client.command("SELECT count() FROM synth_cli.otel_traces")
     roots = client.command(f"SELECT count() FROM synth_cli.otel_traces WHERE SpanName = '{sc.ROOT_SPAN}'")
     assert roots == 700 and spans > 700 * 6
+    start_ns = to_ns("2026-01-05T12:00:00Z")
+    cold = client.query(
+        "SELECT ServiceName, SpanAttributes['fleetlens.replica'], toUnixTimestamp64Nano(Timestamp) + Duration, "
+        "Duration, SpanAttributes['fleetlens.replica.load_seconds'] FROM synth_cli.otel_traces "
+        f"WHERE SpanName = '{sc.COLD_START_SPAN}'").result_rows
+    assert sorted(r[1] for r in cold) == sorted(name for name, _ in default_fleet().replicas)
+    assert all(service == sc.REPLICA_SERVICE and end == start_ns and duration == round(float(load) * 1e9)
+               for service, _, end, duration, load in cold)
     assert client.command("SELECT count() FROM synth_cli.fleet_metrics WHERE metric = 'up'") > 0
     stats = write_to_warehouse(Synthesizer(3, "2026-01-05T12:00:00Z", n_requests=700), client,
                                database="synth_cli", metrics=False)

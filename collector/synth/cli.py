@@ -55,6 +55,10 @@ def synth_command(
         help="Collector endpoint (default http://127.0.0.1:4318 for otlp-http, 127.0.0.1:4317 for otlp-grpc).")] = None,
     metrics: Annotated[bool, typer.Option("--metrics/--no-metrics",
                                           help="Also write fleet_metrics samples (always straight to the warehouse).")] = True,
+    cold_starts: Annotated[bool, typer.Option(
+        "--cold-starts/--no-cold-starts",
+        help="Start with one replica.cold_start span per replica, ready at the start time "
+             "(--no-cold-starts when continuing an earlier run's range).")] = True,
     outages_per_replica_day: Annotated[Optional[float], typer.Option(
         min=0.0, help="Expected replica outage windows per replica and day (default 0.1).")] = None,
     chunk: Annotated[Optional[int], typer.Option(
@@ -64,7 +68,8 @@ def synth_command(
     describe: Annotated[bool, typer.Option(
         "--describe", help="Print the fleet (features, prices, customers, models, GPUs, routes) as JSON and exit.")] = False,
 ) -> None:
-    """Generate realistic synthetic fleet traffic: gateway traces with vLLM spans, and fleet_metrics."""
+    """Generate realistic synthetic fleet traffic: gateway traces with vLLM spans, replica cold starts, and
+    fleet_metrics."""
     import dataclasses
 
     from clickhouse_connect.driver.exceptions import ClickHouseError
@@ -121,7 +126,7 @@ def synth_command(
         try:
             if to is Target.warehouse:
                 stats = write_to_warehouse(synth, client, database=database, chunk=size, metrics=metrics,
-                                           progress=advance)
+                                           cold_starts=cold_starts, progress=advance)
             else:
                 sender = (OtlpHttpSender(endpoint or DEFAULT_HTTP_ENDPOINT, compress=compress)
                           if to is Target.otlp_http else OtlpGrpcSender(endpoint or DEFAULT_GRPC_ENDPOINT,
@@ -129,7 +134,7 @@ def synth_command(
                 try:
                     stats = send_to_collector(synth, sender, chunk=size, max_spans=max_spans,
                                               metrics_client=client if metrics else None, database=database,
-                                              progress=advance)
+                                              cold_starts=cold_starts, progress=advance)
                 finally:
                     sender.close()
         except (SendError, ClickHouseError) as error:
@@ -137,6 +142,7 @@ def synth_command(
             raise typer.Exit(1) from None
     rate_s = stats.requests / stats.seconds if stats.seconds else 0.0
     console.print(f"{stats.requests:,} requests, {stats.spans:,} spans"
+                  + (f" ({stats.cold_starts} replica cold starts)" if stats.cold_starts else "")
                   + (f" in {stats.messages:,} OTLP requests" if stats.messages else "")
                   + (f", {stats.metric_rows:,} fleet_metrics rows" if metrics else "")
                   + f" in {stats.seconds:.1f} s ({rate_s:,.0f} requests/s)")

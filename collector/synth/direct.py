@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..mapping import COLUMNS, SPAN_KINDS, STATUS_CODES, value_as_string
-from .generate import RequestFrame
+from .generate import RequestFrame, Synthesizer
 from .otlp import any_value
-from .spans import Attr, SpanGroup, resources, span_groups
+from .spans import Attr, SpanGroup, cold_start_group, cold_start_resources, resources, span_groups
 
 KEY = pa.dictionary(pa.int32(), pa.string())  # LowCardinality(String) as Arrow sends it
 ATTR_MAP = pa.map_(KEY, pa.string())
@@ -195,10 +195,24 @@ def group_table(group: SpanGroup, vocabs: _Vocabs, resource_maps: pa.MapArray, s
 
 def traces_table(frame: RequestFrame) -> pa.Table:
     """All spans of the frame as `otel_traces` rows (group by group, not sorted)."""
+    return spans_table(span_groups(frame), resources(frame.tables, frame.seed))
+
+
+def cold_starts_table(synth: Synthesizer) -> pa.Table:
+    """The run's `replica.cold_start` spans (one per replica, ready at the run's start) as `otel_traces`
+    rows; written once per run, not per chunk."""
+    group = cold_start_group(synth.tables, synth.seed, synth.start_ns)
+    return spans_table([group], cold_start_resources(synth.tables))
+
+
+def spans_table(groups: Sequence[SpanGroup], resource_attrs: Sequence[dict[str, Any]]) -> pa.Table:
+    """Span groups as `otel_traces` rows; a group's `resource` codes index `resource_attrs`."""
     res = [{k: label_text(v) for k, v in sorted(r.items(), key=lambda kv: kv[0].encode())}
-           for r in resources(frame.tables, frame.seed)]
+           for r in resource_attrs]
     services = [r["service.name"] for r in res]
-    groups = [g for g in span_groups(frame) if len(g)]
+    groups = [g for g in groups if len(g)]
+    if not groups:
+        return SCHEMA.empty_table()
     vocabs = _Vocabs.of(groups, services, [k for r in res for k in r])
     entries = [(k, v) for r in res for k, v in r.items()]
     offsets = np.cumsum([0] + [len(r) for r in res]).astype(np.int32)

@@ -6,6 +6,10 @@ physically plausible rather than measured: an 8B-class model on one L4 prefills 
 tokens/s and decodes ~40 tokens/s per sequence, a 70B-class model on 2×H100 (TP=2) prefills faster but
 decodes about as fast per sequence, and retrieval (vector search + rerank) is the slowest gateway stage.
 Prices are what FleetLens charges customers per 1K tokens; GPU $/hour is what a replica costs to run.
+Cold starts (launch → first good health check: process and CUDA start-up, reading the weights from local
+disk, the engine's profiling run and CUDA-graph capture) grow with model size: ~40 s for a 3B model on an
+L4, ~1 min for 8B, ~3 min for a 70B model sharded over two H100s (served in FP8: at 16 bits its weights
+alone would nearly fill both GPUs, leaving no room for a 250K-token KV cache).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class Model:
     batch_slowdown: float = 0.6  # per-sequence decode slows by (1 + this × utilisation)
     gpu_hour_usd: float = 1.0  # per GPU
     error_multiplier: float = 1.0  # canaries may be flakier
+    load_seconds: float = 60.0  # median cold start of one replica: launch → first good /health
+    variant: str = "bf16"  # precision / quantization variant (fleetlens.model_variant, as in models.yaml)
 
     def replica_names(self) -> list[str]:
         return [f"{self.short}-{i}" for i in range(self.replicas)]
@@ -156,6 +162,7 @@ class Fleet:
     timing: GatewayTiming = field(default_factory=GatewayTiming)
     outages_per_replica_day: float = 0.1  # expected unplanned outage windows per replica and day
     outage_minutes: tuple[float, float] = (4.0, 0.6)  # log-normal median and shape
+    cold_start_sigma: float = 0.08  # log-normal shape of a replica's load time around its model's median
     scrape_interval_s: float = 15.0
     gateway_version: str = "0.1.0"
 
@@ -178,6 +185,9 @@ class Fleet:
                 raise ValueError(f"customer {c.name!r} uses unknown features {sorted(unknown)}")
         if self.errors.max_attempts < 1:
             raise ValueError("errors.max_attempts must be at least 1")
+        for m in self.models:
+            if m.load_seconds <= 0:
+                raise ValueError(f"model {m.name!r}: load_seconds must be positive")
 
     @cached_property
     def replicas(self) -> list[tuple[str, Model]]:
@@ -250,16 +260,16 @@ def default_fleet() -> Fleet:
     models = (
         Model("llama-3.2-3b-instruct", "llama-3b", 3.2, "L4", 1, replicas=2, prefill_tok_s=11_000,
               decode_tok_s=85, batch_tok_s=3_500, kv_cache_tokens=130_000, queue_scale_s=0.05,
-              gpu_hour_usd=0.8),
+              gpu_hour_usd=0.8, load_seconds=42.0),
         Model("llama-3.1-8b-instruct", "llama-8b", 8.0, "L4", 1, replicas=5, prefill_tok_s=5_000,
               decode_tok_s=40, batch_tok_s=1_800, kv_cache_tokens=110_000, queue_scale_s=0.15,
-              gpu_hour_usd=0.8),
+              gpu_hour_usd=0.8, load_seconds=64.0),
         Model("llama-3.1-8b-instruct-ft2", "llama-8b-canary", 8.0, "L4", 1, replicas=1, prefill_tok_s=5_000,
               decode_tok_s=40, batch_tok_s=1_800, kv_cache_tokens=110_000, queue_scale_s=0.15,
-              gpu_hour_usd=0.8, error_multiplier=2.0),
+              gpu_hour_usd=0.8, error_multiplier=2.0, load_seconds=64.0),
         Model("llama-3.3-70b-instruct", "llama-70b", 70.0, "H100", 2, replicas=6, prefill_tok_s=9_000,
               decode_tok_s=38, batch_tok_s=2_600, kv_cache_tokens=250_000, queue_scale_s=0.3,
-              batch_slowdown=0.8, gpu_hour_usd=3.5),
+              batch_slowdown=0.8, gpu_hour_usd=3.5, load_seconds=190.0, variant="fp8"),
     )
     routes = (
         Route("chat-assistant", "llama-3.1-8b-instruct", fallback="llama-3.3-70b-instruct",

@@ -41,7 +41,8 @@ OK, HTTP_5XX, TIMEOUT, REFUSED = 0, 1, 2, 3
 
 @dataclass(frozen=True)
 class Outage:
-    """A replica unreachable over [start_ns, end_ns): connections refused, scrapes answer up=0."""
+    """A replica unreachable over [start_ns, end_ns): connections refused, scrapes answer up=0. Not a
+    restart: the process (and its counters) survive, so no cold start follows."""
 
     replica: str
     start_ns: int

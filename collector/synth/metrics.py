@@ -12,7 +12,8 @@ their events come after their arrival, so a chunk's last arrival is a safe water
 Event weights are integers (tokens, counts, microseconds), so sums are exact in float64 whatever the
 order: the samples do not depend on the chunk size. Outages: a replica inside an outage window
 answers `up` 0 and nothing else; it keeps its counters (the window models an unreachable replica,
-not a restart), so counters stay monotone.
+not a restart), so counters stay monotone, and no `replica.cold_start` span follows it (the run's only
+cold starts are the launches that end at its start, see spans.cold_start_group).
 """
 
 from __future__ import annotations

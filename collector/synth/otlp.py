@@ -2,8 +2,10 @@
 
 Messages hold the spans of whole requests (a trace never straddles two messages), at most
 `max_spans` each, grouped into one ResourceSpans per service (gateway first, then replicas in fleet
-order) with one ScopeSpans each. Building protobuf objects is per-span Python work (a few thousand
-requests per second); the warehouse path (`direct.py`) skips it for scale runs.
+order) with one ScopeSpans each. A run's `replica.cold_start` spans go in messages of their own
+(`cold_start_requests`), one ResourceSpans per replica launcher, as separate launchers would send
+them. Building protobuf objects is per-span Python work (a few thousand requests per second); the
+warehouse path (`direct.py`) skips it for scale runs.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, Instr
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-from .generate import RequestFrame
-from .spans import Attr, SpanGroup, resources, span_groups
+from .generate import RequestFrame, Synthesizer
+from .spans import Attr, SpanGroup, cold_start_group, cold_start_resources, resources, span_groups
 
 DEFAULT_MAX_SPANS = 1000
 
@@ -119,13 +121,27 @@ def _message(groups: list[SpanGroup], bounds: list[tuple[int, int]], resource_kv
 def export_requests(frame: RequestFrame, max_spans: int = DEFAULT_MAX_SPANS) -> Iterator[ExportTraceServiceRequest]:
     """The frame's spans as OTLP export requests of at most `max_spans` spans (whole traces each;
     a single trace larger than `max_spans` still goes out whole)."""
-    groups = span_groups(frame)
     resource_kvs = [key_values(attrs) for attrs in resources(frame.tables, frame.seed)]
-    per_request = np.zeros(len(frame), dtype=np.int64)
+    return _export(span_groups(frame), resource_kvs, len(frame), max_spans)
+
+
+def cold_start_requests(synth: Synthesizer, max_spans: int = DEFAULT_MAX_SPANS,
+                        ) -> Iterator[ExportTraceServiceRequest]:
+    """The run's `replica.cold_start` spans (one per replica, ready at the run's start) as OTLP export
+    requests of at most `max_spans` spans; sent once per run, not per chunk."""
+    resource_kvs = [key_values(attrs) for attrs in cold_start_resources(synth.tables)]
+    group = cold_start_group(synth.tables, synth.seed, synth.start_ns)
+    return _export([group], resource_kvs, len(group), max_spans)
+
+
+def _export(groups: list[SpanGroup], resource_kvs: list[list[KeyValue]], total: int, max_spans: int,
+            ) -> Iterator[ExportTraceServiceRequest]:
+    """Messages over `total` traces (a group's `request` = its trace's row, ascending), whole traces each."""
+    per_request = np.zeros(total, dtype=np.int64)
     for group in groups:
-        per_request += np.bincount(group.request, minlength=len(frame))
+        per_request += np.bincount(group.request, minlength=total)
     cumulative = np.cumsum(per_request)
-    lo, total = 0, len(frame)
+    lo = 0
     while lo < total:
         base = cumulative[lo - 1] if lo else 0
         hi = int(np.searchsorted(cumulative, base + max_spans, side="right"))

@@ -3,6 +3,11 @@
 The warehouse path overlaps work: while one chunk's Arrow table is inserted on a background thread
 (the HTTP upload and the server's parsing and merging do not need this process's GIL), the next
 chunk is generated and built. At most `depth` tables wait, which bounds memory.
+
+Both paths start a run with its `replica.cold_start` spans (one per replica, ready at the run's
+start, as the first insert / the first export requests), so a run has exactly one cold start per
+replica however it is chunked. `cold_starts=False` leaves them out, for a run that continues an
+earlier run's range (its replicas are already up).
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from .direct import traces_table
+from .direct import cold_starts_table, traces_table
 from .generate import RequestFrame, Synthesizer
 from .metrics import MetricFrame, MetricsBuilder, metrics_table
-from .otlp import DEFAULT_MAX_SPANS, export_requests
+from .otlp import DEFAULT_MAX_SPANS, cold_start_requests, export_requests
 from .transport import Sender
 
 Progress = Callable[[RequestFrame], None]
@@ -26,7 +31,8 @@ Progress = Callable[[RequestFrame], None]
 @dataclass
 class RunStats:
     requests: int = 0
-    spans: int = 0
+    spans: int = 0  # cold starts included
+    cold_starts: int = 0
     messages: int = 0
     metric_rows: int = 0
     rejected_spans: int = 0
@@ -62,13 +68,19 @@ def _metrics_until(synth: Synthesizer, last_arrival: int | None) -> int:
 
 
 def write_to_warehouse(synth: Synthesizer, client: Any, *, database: str | None = None, chunk: int = 65_536,
-                       metrics: bool = True, depth: int = 1, progress: Progress | None = None) -> RunStats:
+                       metrics: bool = True, cold_starts: bool = True, depth: int = 1,
+                       progress: Progress | None = None) -> RunStats:
     """Insert the run's spans into `otel_traces` (and samples into `fleet_metrics`)."""
     stats, started = RunStats(), time.perf_counter()
     builder = MetricsBuilder(synth) if metrics else None
     inserter = BackgroundInserter(client, database, depth)
     last_arrival = None
     try:
+        table = cold_starts_table(synth) if cold_starts else None
+        if table is not None and table.num_rows:
+            inserter.submit("otel_traces", table)
+            stats.cold_starts = table.num_rows
+            stats.spans += table.num_rows
         for frame in synth.requests(chunk):
             table = traces_table(frame)
             inserter.submit("otel_traces", table)
@@ -95,12 +107,19 @@ def _submit_metrics(inserter: BackgroundInserter, frame: MetricFrame, synth: Syn
 
 def send_to_collector(synth: Synthesizer, sender: Sender, *, chunk: int = 65_536,
                       max_spans: int = DEFAULT_MAX_SPANS, metrics_client: Any = None, database: str | None = None,
-                      progress: Progress | None = None) -> RunStats:
+                      cold_starts: bool = True, progress: Progress | None = None) -> RunStats:
     """Send the run's spans as OTLP export requests; fleet_metrics (if a client is given) go straight
     to the warehouse, since synthetic replicas have no /metrics endpoint to scrape."""
     stats, started = RunStats(), time.perf_counter()
     builder = MetricsBuilder(synth) if metrics_client is not None else None
     last_arrival = None
+    if cold_starts:
+        for message in cold_start_requests(synth, max_spans):
+            stats.rejected_spans += sender.send(message)
+            stats.messages += 1
+            sent = sum(len(ss.spans) for rs in message.resource_spans for ss in rs.scope_spans)
+            stats.cold_starts += sent
+            stats.spans += sent
     for frame in synth.requests(chunk):
         for message in export_requests(frame, max_spans):
             stats.rejected_spans += sender.send(message)

@@ -9,10 +9,17 @@ upstream attempts (`chat {model}`, CLIENT) and vLLM's `llm_request` (SERVER, chi
 that succeeded; attempts that failed have none, as vLLM writes the span only for finished requests).
 Span names and attribute keys come from `fleetlens.semconv`; vLLM keys the contract does not name
 are listed here (vLLM's own SpanAttributes).
+
+Besides the requests' spans, a run has one `replica.cold_start` span per replica (`cold_start_group`):
+what `fleetlens serve replica` writes when it launches a replica (serving/replica.py), with the
+replica launched its load time before the run's start and ready exactly at it. Each is its own trace
+(no parent), under its own resource (service.name = fleetlens-replica), and is emitted once per run,
+not per chunk (`direct.cold_starts_table`, `otlp.cold_start_requests`).
 """
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,6 +49,9 @@ EXCEPTION_TYPE = "exception.type"
 EXCEPTION_MESSAGE = "exception.message"
 
 GATEWAY_SCOPE_NAME = "fleetlens.gateway"
+REPLICA_SCOPE = ("fleetlens.replica", "")  # serving/replica.py: tracer_provider.get_tracer("fleetlens.replica")
+COLD_START_STREAM = 0xC01D5  # seeds the cold starts' random stream: (seed, this, replica code)
+COLD_START_Z_MAX = 2.0  # load times are clipped to median × exp(±sigma × this)
 VLLM_SCOPE = ("vllm.tracing.otel", "")
 SDK_ATTRIBUTES = {"telemetry.sdk.language": "python", "telemetry.sdk.name": "opentelemetry",
                   "telemetry.sdk.version": "1.45.2"}
@@ -131,6 +141,18 @@ def resources(tables: FleetTables, seed: int) -> list[dict[str, Any]]:
     return out
 
 
+def replica_url(replica: str) -> str:
+    """The URL a replica is served on (fleetlens.replica.url), matching the upstream spans' server.address/port."""
+    return f"http://{replica}.vllm.internal:{VLLM_PORT}"
+
+
+def cold_start_resources(tables: FleetTables) -> list[dict[str, Any]]:
+    """Resource attributes of replica r's launcher (index r): service.name = fleetlens-replica, SDK defaults,
+    and the replica, its variant and model as serving/replica.py's `plan_replica` states them."""
+    return [{"service.name": sc.REPLICA_SERVICE, sc.REPLICA: name, sc.MODEL_VARIANT: model.variant,
+             sc.REQUEST_MODEL: model.name, **SDK_ATTRIBUTES} for name, model in tables.fleet.replicas]
+
+
 def _cat(key: str, codes: np.ndarray, labels: tuple[Any, ...], where: np.ndarray | None = None) -> Attr:
     codes = codes.astype(np.int32)
     if where is not None:
@@ -155,6 +177,48 @@ def _codes(values: np.ndarray, labels: tuple[int, ...]) -> np.ndarray:
     table = np.array(labels)
     pos = np.minimum(np.searchsorted(table, values), len(table) - 1)
     return np.where(table[pos] == values, pos, -1)
+
+
+def cold_start_group(tables: FleetTables, seed: int, ready_ns: int) -> SpanGroup:
+    """One `replica.cold_start` span per replica (row r = replica code r), ready at `ready_ns`.
+
+    Replica r's load time is its model's `load_seconds` × a log-normal factor (shape
+    `fleet.cold_start_sigma`, clipped to ±COLD_START_Z_MAX sigmas), in whole milliseconds; its trace
+    and span ids come from the same per-(seed, replica) stream, so they do not depend on the chunking
+    or on anything else in the run. Attributes and value types are those of
+    `ReplicaLauncher._record_cold_start`; `resource` indexes `cold_start_resources(tables)`."""
+    fleet = tables.fleet
+    r = len(tables.replicas)
+    rows = np.arange(r)
+    load_us = np.zeros(r, dtype=np.int64)
+    trace_id = np.zeros((r, 16), dtype=np.uint8)
+    span_id = np.zeros((r, 8), dtype=np.uint8)
+    for i, (_, model) in enumerate(fleet.replicas):
+        rng = np.random.default_rng([seed, COLD_START_STREAM, i])
+        z = min(max(float(rng.standard_normal()), -COLD_START_Z_MAX), COLD_START_Z_MAX)
+        load_us[i] = 1000 * round(model.load_seconds * 1000 * math.exp(fleet.cold_start_sigma * z))
+        ids = np.frombuffer(rng.bytes(24), dtype=np.uint8)
+        trace_id[i], span_id[i] = ids[:16], ids[16:]
+        for ident in (trace_id[i], span_id[i]):
+            if not ident.any():  # all-zero ids are invalid in OTLP
+                ident[-1] = 1
+    model = tables.replica_model.astype(np.int32)
+    models = fleet.models
+    attrs = [
+        _cat(sc.REPLICA, rows, tables.replicas),
+        _cat(sc.REQUEST_MODEL, model, tables.models),
+        _cat(sc.MODEL_VARIANT, model, tuple(m.variant for m in models)),
+        _cat(sc.REPLICA_URL, rows, tuple(replica_url(name) for name in tables.replicas)),
+        _cat(sc.GPU_TYPE, model, tuple(m.gpu for m in models)),
+        _int(sc.GPU_COUNT, np.array([m.gpus for m in models], dtype=np.int64)[model]),
+        _micros(sc.LOAD_SECONDS, load_us),
+        _cat(sc.GPU_HOURLY_USD, model, tuple(float(m.gpu_hour_usd) for m in models)),
+    ]
+    end = np.full(r, ready_ns, dtype=np.int64)
+    return SpanGroup(
+        "cold_start", rows, trace_id, span_id, None, np.zeros(r, dtype=np.int32), (sc.COLD_START_SPAN,),
+        KIND_INTERNAL, rows.astype(np.int32), REPLICA_SCOPE, end - load_us * 1000, end,
+        np.full(r, STATUS_OK, dtype=np.int8), np.full(r, -1), (), attrs)
 
 
 def span_groups(frame: RequestFrame) -> list[SpanGroup]:
