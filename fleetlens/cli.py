@@ -346,9 +346,12 @@ def up(
     serving: Annotated[Optional[bool], typer.Option(
         "--serving/--no-serving",
         help="Also start the gateway and a small + a large demo replica (default: when a vLLM is installed).")] = None,
+    airflow: Annotated[bool, typer.Option(
+        "--airflow/--no-airflow",
+        help="Also start Airflow (`airflow standalone`: UI/API, scheduler) with FleetLens' DAGs.")] = False,
 ) -> None:
     """Start the embedded stack in the foreground (warehouse, schema, collector; gateway and vLLM
-    replicas of the demo models when vLLM is there); Ctrl-C stops everything."""
+    replicas of the demo models when vLLM is there; Airflow with --airflow); Ctrl-C stops everything."""
     from .net import wait_http
     from .stack import Child, Stack, fleetlens_argv
     from .warehouse.client import WarehouseUnavailable, wait_until_ready
@@ -399,6 +402,8 @@ def up(
         if serving or (serving is None and engine_available(settings)):
             for row in _up_serving(stack, settings, logs):
                 summary.add_row(*row)
+        if airflow:
+            summary.add_row(*_up_airflow(stack, settings, logs))
         console.print(summary)
         console.print("Press Ctrl-C to stop.")
         if stack.children:
@@ -507,6 +512,48 @@ def _up_serving(stack: "Stack", settings: Settings, logs: Path) -> list[tuple[st
         rows.append((f"replica {record.name}", f"{record.url} ({record.model}, ready in {record.load_seconds:.0f} s)",
                      str(logs / f"replica-{record.name}.log")))
     return rows
+
+
+def _up_airflow(stack: "Stack", settings: Settings, logs: Path) -> tuple[str, str, str]:
+    """`airflow standalone` in its own process group (stopping the group stops the scheduler, the
+    API server and every task with it); returns the summary row."""
+    from .dbt_tasks import ManifestError, dbt_project_dir, ensure_manifest, manifests_dir
+    from .net import wait_http
+    from .orchestration import airflow_env, api_url, passwords_file, standalone_argv
+    from .stack import Child
+
+    with console.status("parsing the dbt project for the DAGs (dbt parse; only after it changed)..."):
+        try:
+            ensure_manifest(dbt_project_dir(settings), manifests_dir(settings))
+        except ManifestError as error:
+            err_console.print(f"[red]{error}[/red]")
+            raise typer.Exit(1) from None
+    url = api_url(settings)
+    with console.status("starting Airflow (API server, scheduler, dag-processor; ~20 s)..."):
+        child = stack.add(Child("airflow", standalone_argv(), logs / "airflow.log", url=url),
+                          env={**_child_env(settings), **airflow_env(settings)})
+        if not wait_http(url + "/api/v2/monitor/health", 180.0, alive=lambda: child.alive):
+            err_console.print(f"[red]Airflow did not start; see {child.log_path}[/red]")
+            raise typer.Exit(1)
+    return ("airflow (UI, API)", f"{url}  user admin, password in {passwords_file(settings)}", str(logs / "airflow.log"))
+
+
+@app.command("airflow", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def airflow_command(ctx: typer.Context) -> None:
+    """Run the airflow CLI against FleetLens' Airflow (its AIRFLOW_HOME, DAGs and settings):
+    `fleetlens airflow dags list`, `... airflow backfill create --dag-id fleetlens_hourly ...`."""
+    import os
+    import subprocess
+
+    from .orchestration import airflow_env, airflow_executable
+
+    if not ctx.args:
+        err_console.print("name an airflow command: fleetlens airflow dags list | backfill create ... | dags test ...")
+        raise typer.Exit(2)
+    settings = _settings()
+    env = {**os.environ, **airflow_env(settings)}
+    result = subprocess.run([airflow_executable(), *ctx.args], env=env, check=False)
+    raise typer.Exit(result.returncode)
 
 
 def _get_text(url: str) -> str:

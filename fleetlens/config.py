@@ -8,6 +8,7 @@ start with a message that names the key, so a typo never silently falls back to 
 from __future__ import annotations
 
 import os
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,9 @@ from pydantic_settings import (
 )
 
 DEFAULT_CONFIG_FILE = "fleetlens.yaml"
+# dbt_project/profiles.yml reads its connection from FLEETLENS_DBT_* (fleetlens.transform.dbt_env sets
+# them for a dbt run). They are dbt's, not settings; a dbt task running in-process (Airflow) has them set.
+DBT_PROFILE_ENV_PREFIX = "FLEETLENS_DBT_"
 DEFAULT_DATABASE = "fleetlens"
 EMBEDDED_HOST = "127.0.0.1"
 EMBEDDED_PORT = 8123
@@ -210,6 +214,96 @@ class ReplicaSettings(BaseModel):
     )
 
 
+AIRFLOW_PORT = 8081  # 8080 is the gateway's
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# The collector's tables, each with the column its partition key is derived from and the setting that
+# holds its retention in days (they predate `retention.tables` and migrations render their TTL from them).
+RAW_TABLE_RETENTION: dict[str, tuple[str, str]] = {
+    "otel_traces": ("Timestamp", "traces_ttl_days"),
+    "otel_traces_trace_id_ts": ("Start", "traces_ttl_days"),
+    "fleet_metrics": ("ts", "metrics_ttl_days"),
+}
+
+
+class AirflowSettings(BaseModel):
+    """Airflow, which schedules the dbt builds, the nightly evals and retention (`fleetlens up --airflow`,
+    `fleetlens airflow ...`). Everything here becomes AIRFLOW__* variables of the processes FleetLens starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    home: Path | None = Field(None, description="AIRFLOW_HOME (config, logs, SQLite DB); default <data_dir>/airflow.")
+    database_url: SecretStr | None = Field(
+        None,
+        description="Airflow's metadata DB as a SQLAlchemy URL; default SQLite in `home` (one machine, light use). "
+        "Production: PostgreSQL, postgresql+psycopg2://user:password@host:5432/airflow (needs psycopg2-binary). "
+        "Never logged.",
+    )
+    host: str = Field(EMBEDDED_HOST, description="Bind address of Airflow's API server and UI; loopback unless told otherwise.")
+    port: int = Field(AIRFLOW_PORT, ge=1, le=65535, description="Port of Airflow's API server and UI.")
+    parallelism: int = Field(
+        2, ge=1, le=64, description="Task instances running at once across Airflow (each dbt task is a process)."
+    )
+    dags_paused_at_creation: bool = Field(
+        False, description="Start FleetLens' DAGs paused (Airflow's own default); off so `fleetlens up --airflow` builds."
+    )
+    alert_webhook_url: SecretStr | None = Field(
+        None, description="POST a JSON alert here when a task fails (e.g. a Slack/Teams incoming webhook). Never logged."
+    )
+    alert_timeout_s: float = Field(5.0, gt=0, description="Longest a failure alert waits for the webhook.")
+    dbt_project_dir: Path | None = Field(
+        None, description="The dbt project the DAGs build; default the dbt_project/ that ships with FleetLens."
+    )
+    dbt_threads: int = Field(1, ge=1, le=16, description="dbt threads per dbt task (FLEETLENS_DBT_THREADS).")
+    retries: int = Field(1, ge=0, le=10, description="Retries of a failed task before it fails (and alerts).")
+    retry_delay_s: float = Field(120.0, ge=0, description="Wait before a retry.")
+
+
+class TableRetention(BaseModel):
+    """Retention of one table that is not a collector table (a dbt model, say). The table must
+    be partitioned by an expression of `time_column` (e.g. `PARTITION BY toDate(started_at)`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    days: int = Field(ge=0, description="Rows older than this many days are dropped; 0 keeps them forever.")
+    time_column: str = Field(description="The DateTime/Date column the partition key and the TTL are computed from.")
+    database: str = Field(
+        "models",
+        description="`models` = the dbt models' database ({database}_marts), `raw` = the collector's database "
+        "(the path of the warehouse URL), anything else = that database.",
+    )
+
+    @field_validator("time_column", "database")
+    @classmethod
+    def _check_identifier(cls, value: str) -> str:
+        if not _IDENTIFIER.match(value):
+            raise ValueError("must be a plain identifier (letters, digits, underscore)")
+        return value
+
+
+class RetentionSettings(BaseModel):
+    """What the `fleetlens_retention` DAG keeps. The collector's tables follow `traces_ttl_days` and
+    `metrics_ttl_days`; `tables` adds others. Table names with `__` (dbt's) cannot be spelled as nested
+    env vars: set `FLEETLENS_RETENTION__TABLES` to JSON or use fleetlens.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tables: dict[str, TableRetention] = Field(
+        default_factory=dict,
+        description="Table name → retention, e.g. {stg_otel__spans: {days: 90, time_column: started_at}}.",
+    )
+
+    @field_validator("tables")
+    @classmethod
+    def _check_table_names(cls, tables: dict[str, TableRetention]) -> dict[str, TableRetention]:
+        for name, rule in tables.items():
+            if not _IDENTIFIER.match(name):
+                raise ValueError(f"table {name!r} must be a plain identifier (letters, digits, underscore)")
+            if rule.database == "raw" and name in RAW_TABLE_RETENTION:
+                setting = RAW_TABLE_RETENTION[name][1]
+                raise ValueError(f"{name}: set its retention with `{setting}` (the schema's TTL follows it)")
+        return tables
+
+
 class Settings(BaseSettings):
     """Everything FleetLens reads from its environment. Components take what they need from here."""
 
@@ -232,6 +326,8 @@ class Settings(BaseSettings):
     collector: CollectorSettings = Field(default_factory=CollectorSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     replica: ReplicaSettings = Field(default_factory=ReplicaSettings)
+    airflow: AirflowSettings = Field(default_factory=AirflowSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @field_validator("warehouse_url")
     @classmethod
@@ -291,6 +387,11 @@ class Settings(BaseSettings):
         """Where launched replicas register themselves (the gateway and the scraper watch it)."""
         return self.replica.registry_dir or self.data_dir / "replicas"
 
+    @property
+    def airflow_home(self) -> Path:
+        """AIRFLOW_HOME, absolute: Airflow resolves paths (and the SQLite URL) from it."""
+        return (self.airflow.home or self.data_dir / "airflow").resolve()
+
 
 def read_yaml_file(path: str | os.PathLike[str], label: str) -> Any:
     """The YAML document in `path`; a missing file or bad YAML is a ConfigError naming `label`, the
@@ -332,7 +433,7 @@ def _unknown_env_keys() -> list[str]:
     """`FLEETLENS_*` variables that name no setting (pydantic-settings silently ignores them)."""
     unknown = []
     for name in os.environ:
-        if not name.startswith("FLEETLENS_") or name == "FLEETLENS_CONFIG":
+        if not name.startswith("FLEETLENS_") or name == "FLEETLENS_CONFIG" or name.startswith(DBT_PROFILE_ENV_PREFIX):
             continue
         path = name[len("FLEETLENS_"):].lower().split("__")
         model: type[BaseModel] | None = Settings

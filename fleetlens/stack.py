@@ -15,12 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import psutil
+
 
 def stop_group(process: subprocess.Popen[bytes], grace_s: float = 20.0) -> int:
     """SIGTERM the process group `process` leads (started with start_new_session=True), SIGKILL it
-    after `grace_s`, then SIGKILL whatever is left in the group (grandchildren); returns the exit code."""
+    after `grace_s`, then SIGKILL whatever is left in the group or in its session; returns the exit code.
+
+    The session matters for children that put their own children in new process groups, as
+    Airflow does with every running task: they stay in the session, so none outlives the stop."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
+        _signal_session(process.pid, signal.SIGTERM, outside_group_only=True)
         try:
             process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
@@ -30,7 +36,44 @@ def stop_group(process: subprocess.Popen[bytes], grace_s: float = 20.0) -> int:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    leftovers = _signal_session(process.pid, signal.SIGKILL)
+    psutil.wait_procs(leftovers, timeout=5)
     return process.returncode
+
+
+def session_members(session_id: int) -> list[psutil.Process]:
+    """Every live process of session `session_id` (a child started with start_new_session=True
+    leads a session whose id is its pid), whatever its process group or parent now."""
+    members = []
+    for candidate in psutil.process_iter():
+        try:
+            if candidate.pid != session_id and os.getsid(candidate.pid) == session_id \
+                    and candidate.status() != psutil.STATUS_ZOMBIE:
+                members.append(candidate)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return members
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _signal_session(session_id: int, sig: int, *, outside_group_only: bool = False) -> list[psutil.Process]:
+    """Signal the session's processes (those in the leader's group already got it from killpg when
+    `outside_group_only`); returns the ones signalled."""
+    members = session_members(session_id)
+    if outside_group_only:
+        members = [m for m in members if _pgid(m.pid) not in (session_id, None)]
+    for member in members:
+        try:
+            member.send_signal(sig)
+        except psutil.Error:
+            pass
+    return members
 
 
 @dataclass

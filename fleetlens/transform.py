@@ -8,10 +8,13 @@ default), with the models in their own database beside the raw tables.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 from .config import Settings, WarehouseURL
 
@@ -49,18 +52,27 @@ def dbt_executable() -> str:
 def dbt_command(args: list[str], url: WarehouseURL) -> list[str]:
     """`dbt ARGS` for this project, with the raw database passed as the `raw_database` var.
 
-    A `--vars` in ARGS is dbt's to merge: the raw database is only set when ARGS does not set vars."""
-    command = [dbt_executable(), "--no-use-colors", *args]
+    dbt takes one `--vars`: when ARGS has its own (e.g. a backfill's window_start / window_end),
+    `raw_database` is added to it unless ARGS sets it."""
+    args = list(args)
     subcommand = next((a for a in args if not a.startswith("-")), "")
-    if subcommand not in ("", "clean", "deps", "debug", "init") and "--vars" not in args:
-        command += ["--vars", f"{{raw_database: {url.database}}}"]
-    return command + ["--project-dir", str(PROJECT_DIR), "--profiles-dir", str(PROJECT_DIR)]
+    if subcommand not in ("", "clean", "deps", "debug", "init"):
+        if "--vars" in args and args.index("--vars") + 1 < len(args):
+            at = args.index("--vars") + 1
+            given = yaml.safe_load(args[at]) or {}
+            if not isinstance(given, dict):
+                raise ValueError(f"--vars must be a YAML mapping, got {args[at]!r}")
+            args[at] = json.dumps({"raw_database": url.database, **given})
+        else:
+            args += ["--vars", json.dumps({"raw_database": url.database})]
+    return [dbt_executable(), "--no-use-colors", *args, "--project-dir", str(PROJECT_DIR),
+            "--profiles-dir", str(PROJECT_DIR)]
 
 
 def run_dbt(args: list[str], settings: Settings, *, schema: str | None = None, capture: bool = False,
             timeout_s: float | None = None) -> subprocess.CompletedProcess[str]:
     """Run dbt on the project against `settings.warehouse`; its target/ and logs/ go to data_dir/dbt."""
-    work_dir = settings.data_dir / "dbt"
+    work_dir = (settings.data_dir / "dbt").resolve()  # dbt runs in the project dir: no relative paths
     work_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **dbt_env(settings.warehouse, work_dir, schema=schema)}
     return subprocess.run(dbt_command(args, settings.warehouse), cwd=PROJECT_DIR, env=env, text=True,
