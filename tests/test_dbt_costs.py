@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WarehouseProcess, migrated_database
+from conftest import WarehouseProcess
 from fleetlens import semconv as sc
-from test_dbt_project import explain, fleetlens_dbt, insert_spans, span
+from test_dbt_project import explain, fleetlens_dbt, fresh_databases, insert_spans, span
 
 pytestmark = pytest.mark.slow
 
@@ -171,10 +171,7 @@ def metrics() -> list[list[object]]:
 # ---- the test ----------------------------------------------------------------------------------
 @pytest.fixture
 def raw(warehouse: WarehouseProcess) -> tuple[str, object]:
-    url = migrated_database(warehouse, RAW)
-    client = warehouse.client()
-    client.command(f"DROP DATABASE IF EXISTS {MARTS}")
-    return url, client
+    return fresh_databases(warehouse, RAW)
 
 
 def rows(client, sql: str) -> list[dict[str, object]]:

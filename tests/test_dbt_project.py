@@ -79,12 +79,17 @@ def explain(result: subprocess.CompletedProcess[str]) -> str:
     return f"exit {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
 
 
+def fresh_databases(warehouse: WarehouseProcess, raw: str) -> tuple[str, object]:
+    """A migrated raw database and no models database yet: (warehouse URL, client)."""
+    url = migrated_database(warehouse, raw)
+    client = warehouse.client()
+    client.command(f"DROP DATABASE IF EXISTS {raw}_marts")
+    return url, client
+
+
 @pytest.fixture
 def raw(warehouse: WarehouseProcess) -> tuple[str, object]:
-    url = migrated_database(warehouse, RAW)
-    client = warehouse.client()
-    client.command(f"DROP DATABASE IF EXISTS {MARTS}")
-    return url, client
+    return fresh_databases(warehouse, RAW)
 
 
 @pytest.mark.slow

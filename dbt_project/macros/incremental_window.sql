@@ -52,3 +52,14 @@
         )
     )
 {%- endmacro %}
+
+
+{#- The GPU price catalog at the configured pricing mode, for an ASOF join on (gpu_type, day >=
+    effective_from). Nullable, so a GPU type missing from the catalog joins as NULL, not $0. -#}
+{% macro gpu_price_catalog() -%}
+    (
+        select gpu_type, toNullable(toFloat64(usd_per_gpu_hour)) as usd_per_gpu_hour, effective_from
+        from {{ ref('gpu_prices') }}
+        where pricing_mode = '{{ var("pricing_mode") }}'
+    )
+{%- endmacro %}

@@ -1,7 +1,6 @@
 {{
   config(
     materialized='incremental',
-    incremental_strategy='insert_overwrite',
     partition_by="toDate(hour, 'UTC')",
     order_by='(replica, hour)',
   )
@@ -134,11 +133,7 @@ priced as (
         d.gpus as gpus, d.announced_usd_per_gpu_hour as announced_usd_per_gpu_hour,
         p.usd_per_gpu_hour as catalog_usd_per_gpu_hour
     from described as d
-    asof left join (
-        select gpu_type, toNullable(toFloat64(usd_per_gpu_hour)) as usd_per_gpu_hour, effective_from
-        from {{ ref('gpu_prices') }}
-        where pricing_mode = '{{ var("pricing_mode") }}'
-    ) as p
+    asof left join {{ gpu_price_catalog() }} as p
         on d.gpu_type_name = p.gpu_type and d.day >= p.effective_from
 
 )

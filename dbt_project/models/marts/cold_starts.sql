@@ -17,11 +17,7 @@ priced as (
 
     select launches.*, p.usd_per_gpu_hour as catalog_usd_per_gpu_hour
     from launches
-    asof left join (
-        select gpu_type, toNullable(toFloat64(usd_per_gpu_hour)) as usd_per_gpu_hour, effective_from
-        from {{ ref('gpu_prices') }}
-        where pricing_mode = '{{ var("pricing_mode") }}'
-    ) as p
+    asof left join {{ gpu_price_catalog() }} as p
         on launches.gpu_type_name = p.gpu_type and launches.day >= p.effective_from
 
 )

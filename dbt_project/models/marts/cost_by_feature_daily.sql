@@ -1,7 +1,6 @@
 {{
   config(
     materialized='incremental',
-    incremental_strategy='insert_overwrite',
     partition_by="day",
     order_by='(day, feature)',
   )

@@ -1,7 +1,6 @@
 {{
   config(
     materialized='incremental',
-    incremental_strategy='insert_overwrite',
     partition_by="toDate(requested_at, 'UTC')",
     order_by='(requested_at, trace_id)',
   )

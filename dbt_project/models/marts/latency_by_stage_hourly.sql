@@ -1,7 +1,6 @@
 {{
   config(
     materialized='incremental',
-    incremental_strategy='insert_overwrite',
     partition_by="toDate(hour, 'UTC')",
     order_by='(hour, stage, model, route, feature)',
   )
