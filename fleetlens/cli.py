@@ -349,9 +349,11 @@ def up(
     airflow: Annotated[bool, typer.Option(
         "--airflow/--no-airflow",
         help="Also start Airflow (`airflow standalone`: UI/API, scheduler) with FleetLens' DAGs.")] = False,
+    dashboards: Annotated[bool, typer.Option(
+        "--dashboards/--no-dashboards", help="Also start the Streamlit dashboards.")] = True,
 ) -> None:
-    """Start the embedded stack in the foreground (warehouse, schema, collector; gateway and vLLM
-    replicas of the demo models when vLLM is there; Airflow with --airflow); Ctrl-C stops everything."""
+    """Start the embedded stack in the foreground (warehouse, schema, collector, dashboards; gateway and
+    vLLM replicas of the demo models when vLLM is there; Airflow with --airflow); Ctrl-C stops everything."""
     from .net import wait_http
     from .stack import Child, Stack, fleetlens_argv
     from .warehouse.client import WarehouseUnavailable, wait_until_ready
@@ -404,6 +406,8 @@ def up(
                 summary.add_row(*row)
         if airflow:
             summary.add_row(*_up_airflow(stack, settings, logs))
+        if dashboards:
+            summary.add_row(*_up_dashboards(stack, settings, logs))
         console.print(summary)
         console.print("Press Ctrl-C to stop.")
         if stack.children:
@@ -536,6 +540,40 @@ def _up_airflow(stack: "Stack", settings: Settings, logs: Path) -> tuple[str, st
             err_console.print(f"[red]Airflow did not start; see {child.log_path}[/red]")
             raise typer.Exit(1)
     return ("airflow (UI, API)", f"{url}  user admin, password in {passwords_file(settings)}", str(logs / "airflow.log"))
+
+
+@app.command()
+def dashboards(
+    port: Annotated[Optional[int], typer.Option(help="Port (default: dashboards.port, 8501).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default: dashboards.host, loopback).")] = None,
+) -> None:
+    """Serve the Streamlit dashboards (cost, margin, latency, utilization, build vs buy, evals, traces)
+    on the configured warehouse, in the foreground."""
+    import os
+
+    from .dashboards.serve import app_url, streamlit_argv
+
+    settings = _settings()
+    host = host or settings.dashboards.host
+    port = port or settings.dashboards.port
+    console.print(f"dashboards on {app_url(host, port)} (warehouse {settings.warehouse.redacted()}); Ctrl-C stops")
+    argv = streamlit_argv(host, port)
+    os.execv(argv[0], argv)
+
+
+def _up_dashboards(stack: "Stack", settings: Settings, logs: Path) -> tuple[str, str, str]:
+    from .dashboards.serve import app_url, health_url, streamlit_argv
+    from .net import wait_http
+    from .stack import Child
+
+    host, port = settings.dashboards.host, settings.dashboards.port
+    with console.status("starting the dashboards..."):
+        child = stack.add(Child("dashboards", streamlit_argv(host, port), logs / "dashboards.log"),
+                          env=_child_env(settings))
+        if not wait_http(health_url(host, port), 60.0, alive=lambda: child.alive):
+            err_console.print(f"[red]the dashboards did not start; see {child.log_path}[/red]")
+            raise typer.Exit(1)
+    return ("dashboards", app_url(host, port), str(logs / "dashboards.log"))
 
 
 @app.command("airflow", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

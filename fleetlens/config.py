@@ -215,6 +215,7 @@ class ReplicaSettings(BaseModel):
 
 
 AIRFLOW_PORT = 8081  # 8080 is the gateway's
+DASHBOARDS_PORT = 8501
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The collector's tables, each with the column its partition key is derived from and the setting that
 # holds its retention in days (they predate `retention.tables` and migrations render their TTL from them).
@@ -256,6 +257,15 @@ class AirflowSettings(BaseModel):
     dbt_threads: int = Field(1, ge=1, le=16, description="dbt threads per dbt task (FLEETLENS_DBT_THREADS).")
     retries: int = Field(1, ge=0, le=10, description="Retries of a failed task before it fails (and alerts).")
     retry_delay_s: float = Field(120.0, ge=0, description="Wait before a retry.")
+
+
+class DashboardSettings(BaseModel):
+    """The Streamlit dashboards (`fleetlens dashboards`, started by `fleetlens up`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(EMBEDDED_HOST, description="Bind address of the dashboards; loopback unless told otherwise.")
+    port: int = Field(DASHBOARDS_PORT, ge=1, le=65535, description="Port of the dashboards.")
 
 
 class TableRetention(BaseModel):
@@ -327,6 +337,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     replica: ReplicaSettings = Field(default_factory=ReplicaSettings)
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
+    dashboards: DashboardSettings = Field(default_factory=DashboardSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @field_validator("warehouse_url")

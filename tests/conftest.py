@@ -251,3 +251,55 @@ def gateway_process(workdir: Path, otlp_endpoint: str, timeout_s: float = 30.0) 
         yield base
     finally:
         stop_group(process, signal.SIGTERM, 20)
+
+
+@dataclass
+class SeededWarehouse:
+    """A database of synthesized traffic with every dbt model built, plus one eval run and one gate
+    decision on its last day: what the dashboards read."""
+
+    server: WarehouseProcess
+    url: str            # FLEETLENS_WAREHOUSE_URL of the raw database
+    database: str
+    data_dir: Path
+
+    @property
+    def marts(self) -> str:
+        return f"{self.database}_marts"
+
+    def client(self) -> clickhouse_connect.driver.client.Client:
+        return self.server.client()
+
+
+SEEDED_DATABASE = "dash"
+SEEDED_START = "2026-11-02T00:00:00"
+
+
+@pytest.fixture(scope="session")
+def seeded_warehouse(warehouse: WarehouseProcess, tmp_path_factory: pytest.TempPathFactory) -> SeededWarehouse:
+    """`fleetlens synth` (two days from SEEDED_START at 0.02 requests/s on average — a few thousand
+    requests — seed 11, cold starts and /metrics) and
+    `fleetlens dbt build` into database `dash` of the shared warehouse — as a user seeds a demo."""
+    data_dir = tmp_path_factory.mktemp("seeded")
+    url = migrated_database(warehouse, SEEDED_DATABASE)
+    warehouse.client().command(f"DROP DATABASE IF EXISTS {SEEDED_DATABASE}_marts")
+    env = child_env({"FLEETLENS_WAREHOUSE_URL": url, "FLEETLENS_DATA_DIR": str(data_dir)})
+    for args in (["synth", "--duration", "2d", "--rate", "0.02", "--seed", "11", "--start", SEEDED_START],
+                 ["dbt", "build"]):
+        result = subprocess.run([sys.executable, "-m", "fleetlens", *args], env=env, capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, f"fleetlens {args[0]}: {result.stdout[-4000:]}\n{result.stderr[-3000:]}"
+    client = warehouse.client()
+    last_day = client.query(f"SELECT max(day) FROM {SEEDED_DATABASE}_marts.fct_requests").result_rows[0][0]
+    client.command(f"""
+        INSERT INTO {SEEDED_DATABASE}.eval_runs (run_id, started_at, finished_at, target, model, variant, route, task,
+            status, n_items, metrics, config_hash, git_sha, seed, params, updated_at)
+        VALUES ('run-1', '{last_day} 03:00:00', '{last_day} 03:10:00', 'http://127.0.0.1:8080/v1', 'demo-large',
+            'int4', 'default', 'arithmetic', 'complete', 200, map('exact_match', 0.815), 'cfg', 'abc123', 0,
+            map(), '{last_day} 03:10:00')""")
+    client.command(f"""
+        INSERT INTO {SEEDED_DATABASE}.gate_decisions (gate_id, decided_at, baseline_ref, candidate_ref, verdict,
+            changes, report_md, details)
+        VALUES ('gate-1', '{last_day} 03:11:00', 'demo-large@bf16', 'demo-large@int4', 'fail', ['quantization'],
+            '### int4 fails: exact_match −6.2 points', '{{"exact_match": {{"delta": -0.062}}}}')""")
+    return SeededWarehouse(server=warehouse, url=url, database=SEEDED_DATABASE, data_dir=data_dir)

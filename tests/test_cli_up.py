@@ -20,9 +20,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_up_then_signal_leaves_no_process(tmp_path, sig):
     port = free_port()
-    otlp_port = free_port()
+    otlp_port, dashboards_port = free_port(), free_port()
     env = child_env({"FLEETLENS_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200",
-                     "FLEETLENS_COLLECTOR__HTTP_PORT": str(otlp_port), "FLEETLENS_COLLECTOR__GRPC_PORT": str(free_port())})
+                     "FLEETLENS_COLLECTOR__HTTP_PORT": str(otlp_port), "FLEETLENS_COLLECTOR__GRPC_PORT": str(free_port()),
+                     "FLEETLENS_DASHBOARDS__PORT": str(dashboards_port)})
     # start_new_session + SIG_IGN for SIGINT mimics a background job of a non-interactive shell
     up = subprocess.Popen([sys.executable, "-m", "fleetlens", "up", "--port", str(port), "--no-serving"],
                           cwd=tmp_path, env=env,
@@ -51,6 +52,9 @@ def test_up_then_signal_leaves_no_process(tmp_path, sig):
         while httpx.post(f"http://127.0.0.1:{port}/", content=query).text != "1\n":
             assert time.monotonic() < deadline, "span never reached the warehouse"
             time.sleep(0.2)
+        # the dashboards answer (what they show is tested in test_dashboards_*.py)
+        assert httpx.get(f"http://127.0.0.1:{dashboards_port}/_stcore/health").text == "ok"
+        assert f"http://127.0.0.1:{dashboards_port}/" in "".join(lines)
         children = psutil.Process(up.pid).children(recursive=True)
         assert children, "up started no child process"
         up.send_signal(sig)
@@ -89,7 +93,8 @@ def test_up_with_serving_starts_gateway_and_demo_replicas(tmp_path, demo_models)
                      "FLEETLENS_COLLECTOR__HTTP_PORT": str(free_port()), "FLEETLENS_COLLECTOR__GRPC_PORT": str(free_port()),
                      "FLEETLENS_REPLICA__ENGINE_COMMAND":
                          f'["{sys.executable}", "-m", "fleetlens.serving.stub_upstream", "--startup-delay-s", "1"]'})
-    up = subprocess.Popen([sys.executable, "-m", "fleetlens", "up", "--port", str(port), "--serving"], cwd=tmp_path,
+    up = subprocess.Popen([sys.executable, "-m", "fleetlens", "up", "--port", str(port), "--serving",
+                           "--no-dashboards"], cwd=tmp_path,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True)

@@ -1,0 +1,31 @@
+"""How the dashboards are started: `streamlit run` on the app with FleetLens' bind address and port,
+headless, no usage statistics, no file watcher (a server, not a dev loop)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+APP = Path(__file__).with_name("app.py")
+
+
+def streamlit_argv(host: str, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "streamlit", "run", str(APP),
+        "--server.address", host,
+        "--server.port", str(port),
+        "--server.headless", "true",
+        "--server.fileWatcherType", "none",
+        "--browser.gatherUsageStats", "false",
+        "--global.developmentMode", "false",
+        "--client.toolbarMode", "viewer",
+    ]
+
+
+def health_url(host: str, port: int) -> str:
+    client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{client_host}:{port}/_stcore/health"
+
+
+def app_url(host: str, port: int) -> str:
+    return health_url(host, port).removesuffix("_stcore/health")
