@@ -295,11 +295,11 @@ def seeded_warehouse(warehouse: WarehouseProcess, tmp_path_factory: pytest.TempP
         INSERT INTO {SEEDED_DATABASE}.eval_runs (run_id, started_at, finished_at, target, model, variant, route, task,
             status, n_items, metrics, config_hash, git_sha, seed, params, updated_at)
         VALUES ('run-1', '{last_day} 03:00:00', '{last_day} 03:10:00', 'http://127.0.0.1:8080/v1', 'demo-large',
-            'int4', 'default', 'arithmetic', 'complete', 200, map('exact_match', 0.815), 'cfg', 'abc123', 0,
+            'int3', 'default', 'lookup_hard', 'complete', 3000, map('exact_match', 0.862), 'cfg', 'abc123', 0,
             map(), '{last_day} 03:10:00')""")
     client.command(f"""
         INSERT INTO {SEEDED_DATABASE}.gate_decisions (gate_id, decided_at, baseline_ref, candidate_ref, verdict,
             changes, report_md, details)
-        VALUES ('gate-1', '{last_day} 03:11:00', 'demo-large@bf16', 'demo-large@int4', 'fail', ['quantization'],
-            '### int4 fails: exact_match −6.2 points', '{{"exact_match": {{"delta": -0.062}}}}')""")
+        VALUES ('gate-1', '{last_day} 03:11:00', 'demo-large@bf16', 'demo-large@int3', 'fail', ['quantization'],
+            '### int3 fails: exact_match −13.5 points', '{{"exact_match": {{"delta": -0.135}}}}')""")
     return SeededWarehouse(server=warehouse, url=url, database=SEEDED_DATABASE, data_dir=data_dir)

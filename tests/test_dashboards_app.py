@@ -240,8 +240,8 @@ def test_evals_page_lists_runs_and_gate_decisions(app_env: SeededWarehouse) -> N
     at = open_page("evals")
     assert metric(at, "fail") == "1" and metric(at, "pass") == "0"
     assert frame(at, "gate_id", "verdict")["gate_id"].tolist() == ["gate-1"]
-    assert "exact_match=0.815" in frame(at, "run_id", "metrics")["metrics"].iloc[0]
-    assert any("int4 fails" in m.value for m in at.markdown)
+    assert "exact_match=0.862" in frame(at, "run_id", "metrics")["metrics"].iloc[0]
+    assert any("int3 fails" in m.value for m in at.markdown)
     first, _ = data_days(app_env)
     at = open_page("evals", f_range=(first, first))  # the seeded run is on the last day
     assert "No eval runs or gate decisions in this range yet" in at.info[0].value
