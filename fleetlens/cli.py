@@ -622,3 +622,6 @@ def main() -> None:
 
 from .collector.synth.cli import synth_command  # noqa: E402
 app.command("synth")(synth_command)
+
+from .evals.cli import eval_app  # noqa: E402 - `fleetlens eval run|tasks` (evals/cli.py)
+app.add_typer(eval_app, name="eval")

@@ -1,0 +1,181 @@
+"""`fleetlens eval ...`: run the eval suite through the gateway, list its tasks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+eval_app = typer.Typer(help="Evals: lm-eval tasks run through the gateway, results in the warehouse.",
+                       no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _suite(tasks_dir: Path | None, data_dir: Path | None):
+    from .suite import DEFAULT_SUITE, Suite
+
+    return Suite((tasks_dir or DEFAULT_SUITE.tasks_dir).resolve(), (data_dir or DEFAULT_SUITE.data_dir).resolve())
+
+
+@eval_app.command("tasks")
+def tasks_command(
+    tasks_dir: Annotated[Optional[Path], typer.Option(help="Task YAML folder (default: the shipped evals/tasks).")]
+    = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Data folder of relative data_files (default: evals/data).")]
+    = None,
+) -> None:
+    """List the suite's tasks (evals/tasks/*.yaml) with their data files and item counts."""
+    from .suite import EvalConfigError
+
+    suite = _suite(tasks_dir, data_dir)
+    try:
+        specs = suite.resolve(suite.names()) if suite.names() else []
+    except EvalConfigError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    table = Table(title=f"eval tasks ({suite.tasks_dir})")
+    for column in ("task", "type", "items", "data", "description"):
+        table.add_column(column, justify="right" if column == "items" else "left")
+    for spec in specs:
+        count = spec.count_items()
+        table.add_row(spec.name, spec.output_type, "-" if count is None else f"{count:,}",
+                      ", ".join(p.name for p in spec.data_files), spec.description)
+    console.print(table)
+
+
+@eval_app.command("run")
+def run_command(
+    target: Annotated[str, typer.Option(help="Registry model (or `model` value) the gateway serves.")],
+    gateway: Annotated[str, typer.Option(help="Gateway base URL, e.g. http://127.0.0.1:8080.")],
+    api_key_file: Annotated[Path, typer.Option(help="File holding the gateway API key (one line).")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated task names (`fleetlens eval tasks`).")]
+    = "lookup_easy,lookup_hard",
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N items of each task.")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the requests and of lm-eval.")] = 0,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 4,
+    feature: Annotated[str, typer.Option(help="Feature the requests are attributed to.")] = "eval",
+    variant: Annotated[str, typer.Option(help="Variant label stored with the run (e.g. int4).")] = "",
+    json_out: Annotated[Optional[Path], typer.Option(help="Also write the result (every item) here.")] = None,
+    store: Annotated[bool, typer.Option(help="Store the run in the warehouse (eval_runs, eval_items).")] = True,
+    tasks_dir: Annotated[Optional[Path], typer.Option(help="Task YAML folder (default: the shipped evals/tasks).")]
+    = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Data folder of relative data_files (default: evals/data).")]
+    = None,
+    verbose: Annotated[bool, typer.Option(help="Show lm-eval's own log.")] = False,
+) -> None:
+    """Run the eval suite on TARGET through the gateway; exit 1 unless every item got a result."""
+    from .runner import EvalError, ProgressEvent, run_eval
+    from .suite import EvalConfigError
+
+    suite = _suite(tasks_dir, data_dir)
+
+    try:
+        api_key = api_key_file.read_text().strip()
+    except OSError as error:
+        err_console.print(f"[red]cannot read the API key file {api_key_file}: {error.strerror}[/red]")
+        raise typer.Exit(2) from None
+    if not api_key:
+        err_console.print(f"[red]the API key file {api_key_file} is empty[/red]")
+        raise typer.Exit(2)
+    try:
+        specs = suite.resolve(tasks)
+    except EvalConfigError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+
+    client = database = None
+    if store:
+        client, database = _warehouse()
+    if not verbose:
+        _quiet()
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[failed]}"), TimeElapsedColumn(), console=console) as progress:
+        bars: dict[str, int] = {}
+        preparing = progress.add_task(f"loading {len(specs)} task(s)", total=None, failed="")
+
+        def on_event(event: ProgressEvent) -> None:
+            if preparing in progress.task_ids:
+                progress.remove_task(preparing)
+            if event.kind == "start":
+                bars[event.task] = progress.add_task(f"{event.task} on {target}", total=event.total, failed="")
+            elif event.kind == "item" and event.task in bars:
+                progress.advance(bars[event.task])
+                if not event.ok:
+                    progress.update(bars[event.task], failed="[red]endpoint failed[/red]")
+            elif event.kind == "error":
+                progress.console.print(f"[red]{event.message}[/red]")
+
+        try:
+            result = run_eval(target, gateway, api_key, [s.name for s in specs], limit=limit, seed=seed,
+                              client=client, database=database, feature=feature, concurrency=concurrency,
+                              variant=variant, suite=suite, progress=on_event)
+        except EvalConfigError as error:
+            err_console.print(f"[red]{error}[/red]")
+            raise typer.Exit(2) from None
+        except EvalError as error:
+            err_console.print(f"[red]{error}[/red]")
+            raise typer.Exit(1) from None
+
+    table = Table(title=f"eval run {result.run_id}: {target} ({result.model or 'no answer'})")
+    for column in ("task", "status", "items", "exact_match", "p50 ms", "p95 ms"):
+        table.add_column(column, justify="left" if column in ("task", "status") else "right")
+    for name, task in result.tasks.items():
+        accuracy = task.accuracy
+        colour = "green" if task.status == "complete" else "red"
+        table.add_row(name, f"[{colour}]{task.status}[/{colour}]", f"{task.n_items:,}/{task.n_expected:,}",
+                      "-" if accuracy is None else f"{accuracy:.4f}",
+                      _ms(task.metrics.get("latency_ms_p50")), _ms(task.metrics.get("latency_ms_p95")))
+    console.print(table)
+    console.print(f"config {result.config_hash[:12]}  suite {result.suite_hash[:12]}  "
+                  f"git {result.git_sha[:12] or '-'}  seed {result.seed}  "
+                  + (f"stored in {database or 'the warehouse'}" if store else "not stored"))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+    if not result.ok:
+        err_console.print(f"[red]run {result.status}: {result.error}[/red]")
+        raise typer.Exit(1)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _warehouse():
+    """(client, database) of the configured warehouse; exit 1 when it is down or not migrated."""
+    from fleetlens.config import ConfigError, load_settings
+    from fleetlens.warehouse.client import WarehouseUnavailable, connect
+
+    try:
+        url = load_settings().warehouse
+    except ConfigError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    try:
+        client = connect(url)
+        missing = [t for t in ("eval_runs", "eval_items")
+                   if not client.command(f"EXISTS TABLE {url.database}.{t}")]
+    except (WarehouseUnavailable, Exception) as error:  # noqa: BLE001 - report, do not crash
+        err_console.print(f"[red]cannot use the warehouse at {url.redacted()}: {error}[/red]")
+        raise typer.Exit(1) from None
+    if missing:
+        err_console.print(f"[red]{url.redacted()} has no {', '.join(missing)}: run `fleetlens migrate`[/red]")
+        raise typer.Exit(1)
+    return client, url.database
+
+
+def _quiet() -> None:
+    """lm-eval and HF datasets log and draw progress bars of their own; the CLI draws one."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for name in ("lm_eval", "lm-eval", "datasets", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
