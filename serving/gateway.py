@@ -239,7 +239,9 @@ class Gateway:
                                  sc.ROUTE_VARIANT: "canary" if route.is_canary else "baseline"})
             if body.get("max_tokens") is not None:
                 root.set_attribute(sc.REQUEST_MAX_TOKENS, int(body["max_tokens"]))
-            feature_route = self._feature_route(feature)
+            # retrieval, output checks and timeout follow the route taken (a route named as `model`)
+            routing = feature if route.route == "explicit" else self._routing_feature(body, feature)
+            feature_route = self._feature_route(routing)
             documents: list[Document] = []
             if feature_route.retrieval is not None:
                 documents = await self._retrieve(body, feature_route.retrieval, ctx)
@@ -247,7 +249,7 @@ class Gateway:
                 if stream:
                     body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
                 body = insert_context(body, documents)
-            answer = await self._call_upstream(path, body, attempts, ctx, self._timeout(feature),
+            answer = await self._call_upstream(path, body, attempts, ctx, self._timeout(routing),
                                                feature_route.fallback_on, stream=stream)
             upstream, response, attempt_span, model = answer.upstream, answer.response, answer.span, answer.model
         except GatewayError as error:
@@ -288,10 +290,20 @@ class Gateway:
         if requested in registry or requested in by_served:
             name = requested if requested in registry else by_served[requested]
             return RouteDecision(name, "explicit", False), [name]
-        if requested not in (None, "", "auto") and requested != feature:
+        routing = self._routing_feature(body, feature)
+        decision = config.routes.choose(routing, features, self.rng)
+        return decision, attempt_order(config.routes, routing, decision)
+
+    def _routing_feature(self, body: dict[str, Any], feature: str | None) -> str | None:
+        """Whose route a request takes: a route named as `model` (a feature of routes.yaml) — so an
+        eval run tagged feature `eval` can judge a route exactly as its traffic takes it — else the
+        request's own feature. Any other name is an unknown model (404)."""
+        requested = body.get("model")
+        if requested in (None, "", "auto"):
+            return feature
+        if requested != feature and requested not in self.config().routes.features:
             raise GatewayError(errors.model_not_found(str(requested)), "404")
-        decision = config.routes.choose(feature, features, self.rng)
-        return decision, attempt_order(config.routes, feature, decision)
+        return str(requested)
 
     def _feature_route(self, feature: str | None) -> FeatureRoute:
         return self.config().routes.route_for(feature)[1]

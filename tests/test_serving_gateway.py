@@ -200,3 +200,19 @@ def test_rate_limit_answers_429_with_retry_after_and_is_traced(setup) -> None:
     roots = _trace(setup)[sc.ROOT_SPAN]
     assert [r.attributes[sc.HTTP_STATUS_CODE] for r in roots].count(429) == 2
     assert all(r.attributes[sc.CUSTOMER] == "tiny" for r in roots)
+
+
+def test_a_route_named_as_model_takes_that_route_whatever_the_feature(setup) -> None:
+    """An eval run tagged feature `eval` judges the `autocomplete` route as its traffic takes it: the
+    request is attributed to `eval` and answered by the route's model; a name that is neither a
+    route nor a model stays a 404."""
+    reply = _post(setup, {"model": "autocomplete", "messages": [{"role": "user", "content": "x"}]},
+                  headers={"X-FleetLens-Feature": "eval"})
+    assert reply.status_code == 200, reply.text
+    (root,) = _trace(setup)[sc.ROOT_SPAN]
+    assert root.attributes[sc.FEATURE] == "eval"
+    assert root.attributes[sc.REQUEST_MODEL] == "qwen-small"
+    assert "chat qwen-small" in _trace(setup)
+    missing = _post(setup, {"model": "no-such-route", "messages": [{"role": "user", "content": "x"}]},
+                    headers={"X-FleetLens-Feature": "eval"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
