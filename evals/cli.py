@@ -1,4 +1,4 @@
-"""`fleetlens eval ...`: run the eval suite through the gateway, list its tasks."""
+"""`fleetlens eval ...`: run the eval suite through the gateway, list its tasks, compare two stored runs."""
 
 from __future__ import annotations
 
@@ -144,6 +144,78 @@ def run_command(
     if not result.ok:
         err_console.print(f"[red]run {result.status}: {result.error}[/red]")
         raise typer.Exit(1)
+
+
+# Exit codes of `fleetlens eval compare` (and of the gate built on it).
+EXIT_PASS, EXIT_FAIL, EXIT_ERROR, EXIT_INCOMPLETE = 0, 1, 2, 3
+
+
+@eval_app.command("compare")
+def compare_command(
+    baseline_run: Annotated[str, typer.Option(help="run_id of the baseline eval run (eval_runs).")],
+    candidate_run: Annotated[str, typer.Option(help="run_id of the candidate eval run.")],
+    policy: Annotated[Optional[Path], typer.Option(help="Gate policy YAML (default: the shipped evals/gate.yaml).")]
+    = None,
+    report_out: Annotated[Optional[Path], typer.Option(help="Also write the Markdown report here.")] = None,
+    store: Annotated[bool, typer.Option(help="Store the decision in gate_decisions (dashboard's Evals page).")]
+    = True,
+    baseline_cost: Annotated[Optional[float], typer.Option(help="Baseline cost per request (from telemetry).")]
+    = None,
+    candidate_cost: Annotated[Optional[float], typer.Option(help="Candidate cost per request (from telemetry).")]
+    = None,
+    require_cost: Annotated[bool, typer.Option(
+        help="Count a missing cost per request as incomplete. Default: eval runs carry no cost, so an "
+             "unmeasured cost is reported as 'not measured' and left out of the verdict.")] = False,
+    change: Annotated[Optional[list[str]], typer.Option(
+        help="What changed between baseline and candidate (repeatable), listed in the report.")] = None,
+) -> None:
+    """Decide the gate from two stored runs. Exit 0 pass, 1 fail, 3 incomplete, 2 could not decide
+    (unknown run id, bad policy file, warehouse unusable).
+
+    Prints the Markdown report, writes it to --report-out and appends it to $GITHUB_STEP_SUMMARY when set.
+    """
+    from rich.markdown import Markdown
+
+    from fleetlens.config import ConfigError
+
+    from .compare import UnknownRunError, decide, load_run, render_report, store_decision
+    from .policy import load_policy
+    from .stats import Verdict
+
+    try:
+        gate_policy = load_policy(policy)
+    except ConfigError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(EXIT_ERROR) from None
+    try:
+        client, database = _warehouse()
+    except typer.Exit:
+        raise typer.Exit(EXIT_ERROR) from None  # 1 would read as a quality fail
+    try:
+        baseline = load_run(client, database, baseline_run)
+        candidate = load_run(client, database, candidate_run)
+    except UnknownRunError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(EXIT_ERROR) from None
+    decision = decide(baseline, candidate, gate_policy, cost_per_request=(baseline_cost, candidate_cost),
+                      changes=change or [], require_cost=require_cost)
+    report = render_report(decision)
+    console.print(Markdown(report))
+    if report_out is not None:
+        report_out.write_text(report)
+        console.print(f"wrote {report_out}")
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as handle:
+            handle.write(report + "\n")
+    if store:
+        try:
+            gate_id = store_decision(client, database, decision, baseline_run, candidate_run, report_md=report)
+        except Exception as error:  # noqa: BLE001 - the decision stands; say it was not stored
+            err_console.print(f"[red]could not store the decision in gate_decisions: {error}[/red]")
+            raise typer.Exit(EXIT_ERROR) from None
+        console.print(f"stored gate decision {gate_id}")
+    raise typer.Exit({Verdict.PASS: EXIT_PASS, Verdict.FAIL: EXIT_FAIL}.get(decision.verdict, EXIT_INCOMPLETE))
 
 
 def _ms(value: float | None) -> str:

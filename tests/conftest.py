@@ -303,3 +303,34 @@ def seeded_warehouse(warehouse: WarehouseProcess, tmp_path_factory: pytest.TempP
         VALUES ('gate-1', '{last_day} 03:11:00', 'demo-large@bf16', 'demo-large@int3', 'fail', ['quantization'],
             '### int3 fails: exact_match −13.5 points', '{{"exact_match": {{"delta": -0.135}}}}')""")
     return SeededWarehouse(server=warehouse, url=url, database=SEEDED_DATABASE, data_dir=data_dir)
+
+
+def serving_stack_env(tmp: Path, collector: "CollectorProcess", models_file: Path) -> dict[str, str]:
+    """Environment of a gateway + vLLM replicas stack with its state, routes.yaml and keys.yaml in
+    `tmp`, tracing to `collector`, replicas with a small KV cache (this machine's memory)."""
+    return child_env({"FLEETLENS_DATA_DIR": str(tmp), "FLEETLENS_GATEWAY__OTLP_ENDPOINT": collector.endpoint,
+                      "FLEETLENS_COLLECTOR__HTTP_PORT": str(collector.http_port),
+                      "FLEETLENS_GATEWAY__MODELS_FILE": str(models_file),
+                      "FLEETLENS_GATEWAY__ROUTES_FILE": str(tmp / "routes.yaml"),
+                      "FLEETLENS_GATEWAY__KEYS_FILE": str(tmp / "keys.yaml"),
+                      "FLEETLENS_REPLICA__KV_CACHE_GIB": "0.5"})
+
+
+@dataclass
+class FleetlensProcesses:
+    """`fleetlens ...` child processes of one test or fixture, each in its own session with its log
+    at `tmp/<name>.log`; `stop()` stops them, newest first (replicas before the gateway)."""
+
+    tmp: Path
+    env: dict[str, str]
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with open(self.tmp / f"{name}.log", "wb") as log:
+            self.processes[name] = subprocess.Popen([sys.executable, "-m", "fleetlens", *args], stdout=log,
+                                                    stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        return self.processes[name]
+
+    def stop(self, timeout_s: float = 60) -> None:
+        for process in reversed(list(self.processes.values())):
+            stop_group(process, signal.SIGTERM, timeout_s)

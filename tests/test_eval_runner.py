@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -30,11 +29,12 @@ import yaml
 
 from conftest import (
     CollectorProcess,
+    FleetlensProcesses,
     WarehouseProcess,
     child_env,
     gateway_process,
     migrated_database,
-    stop_group,
+    serving_stack_env,
     stub_models_yaml,
     wait_for,
 )
@@ -337,21 +337,10 @@ def vllm_fleet(tmp_path_factory: pytest.TempPathFactory, warehouse: WarehousePro
     key, digest = generate_key()
     # the key's own default feature is `lookup`: traces saying `eval` prove the header got through
     (tmp / "keys.yaml").write_text(f"- {{id: eval-1, customer: fleetlens, hash: '{digest}', feature: lookup}}\n")
-    env = child_env({"FLEETLENS_DATA_DIR": str(tmp), "FLEETLENS_GATEWAY__OTLP_ENDPOINT": collector.endpoint,
-                     "FLEETLENS_COLLECTOR__HTTP_PORT": str(collector.http_port),
-                     "FLEETLENS_GATEWAY__MODELS_FILE": str(tmp / "models.yaml"),
-                     "FLEETLENS_GATEWAY__ROUTES_FILE": str(tmp / "routes.yaml"),
-                     "FLEETLENS_GATEWAY__KEYS_FILE": str(tmp / "keys.yaml"),
-                     "FLEETLENS_REPLICA__KV_CACHE_GIB": "0.5"})
+    env = serving_stack_env(tmp, collector, tmp / "models.yaml")
     port = free_port()
-    processes: dict[str, subprocess.Popen[bytes]] = {}
-
-    def spawn(name: str, *args: str) -> subprocess.Popen[bytes]:
-        with open(tmp / f"{name}.log", "wb") as log:
-            processes[name] = subprocess.Popen([sys.executable, "-m", "fleetlens", *args], stdout=log,
-                                               stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        return processes[name]
-
+    stack = FleetlensProcesses(tmp, env)
+    spawn, processes = stack.spawn, stack.processes
     try:
         gateway = spawn("gateway", "gateway", "--port", str(port))
         spawn("replica", "serve", "replica", "--model", TARGET)
@@ -366,9 +355,7 @@ def vllm_fleet(tmp_path_factory: pytest.TempPathFactory, warehouse: WarehousePro
                  timeout_s=30, interval_s=0.5)
         yield {"base": base, "key": key, "database": database, "client": warehouse.client(), "tmp": tmp}
     finally:
-        for name in ("replica", "gateway"):
-            if name in processes:
-                stop_group(processes[name], signal.SIGTERM, 60)
+        stack.stop()
         collector.stop()
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import CollectorProcess, WarehouseProcess, child_env, migrated_database, stop_group, wait_for
+from conftest import (CollectorProcess, FleetlensProcesses, WarehouseProcess, migrated_database,
+                      serving_stack_env, wait_for)
 from fleetlens import semconv as sc
 from fleetlens.net import free_port, wait_http
 from fleetlens.serving.keys import generate_key
@@ -59,21 +60,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, warehouse: WarehouseProcess,
     (tmp / "keys.yaml").write_text(
         f"- {{id: acme-1, customer: acme, hash: '{keys['acme'][1]}', feature: lookup}}\n"
         f"- {{id: globex-1, customer: globex, hash: '{keys['globex'][1]}', feature: chat}}\n")
-    env = child_env({"FLEETLENS_DATA_DIR": str(tmp), "FLEETLENS_GATEWAY__OTLP_ENDPOINT": collector.endpoint,
-                     "FLEETLENS_COLLECTOR__HTTP_PORT": str(collector.http_port),
-                     "FLEETLENS_GATEWAY__MODELS_FILE": str(demo_models / "models.yaml"),
-                     "FLEETLENS_GATEWAY__ROUTES_FILE": str(tmp / "routes.yaml"),
-                     "FLEETLENS_GATEWAY__KEYS_FILE": str(tmp / "keys.yaml"),
-                     "FLEETLENS_REPLICA__KV_CACHE_GIB": "0.5"})
+    env = serving_stack_env(tmp, collector, demo_models / "models.yaml")
     port = free_port()
-    processes: dict[str, subprocess.Popen[bytes]] = {}
-
-    def spawn(name: str, *args: str) -> subprocess.Popen[bytes]:
-        with open(tmp / f"{name}.log", "wb") as log:
-            processes[name] = subprocess.Popen([sys.executable, "-m", "fleetlens", *args], stdout=log,
-                                               stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        return processes[name]
-
+    stack = FleetlensProcesses(tmp, env)
+    spawn, processes = stack.spawn, stack.processes
     try:
         gateway = spawn("gateway", "gateway", "--port", str(port))
         spawn("large", "serve", "replica", "--model", "demo-large")
@@ -96,9 +86,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, warehouse: WarehouseProcess,
                "processes": processes, "records": records, "demo": demo_models,
                "client": warehouse.client(database="vllm_e2e")}
     finally:
-        for name in ("large", "small", "gateway"):
-            if name in processes:
-                stop_group(processes[name], signal.SIGTERM, 60)
+        stack.stop()
         collector.stop()
 
 
