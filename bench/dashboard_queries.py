@@ -84,7 +84,6 @@ def page_calls(wh: DashboardWarehouse) -> dict[str, object]:
             queries.trace_spans(wh, found["trace_id"].iloc[0])
 
     calls["Trace explorer"] = trace_explorer
-    calls["Cost"] = lambda f: [queries.cost(wh, f, d) for d in ("feature",)]
 
     def sidebar(f: Filters) -> None:
         wh.freshness()

@@ -13,7 +13,7 @@ from typing import Callable
 
 import pandas as pd
 
-from .filters import DIRECT, REQUEST_COLUMNS, Filters, applies, where
+from .filters import REQUEST_COLUMNS, Filters, applies, where
 from .warehouse import DashboardWarehouse
 
 #: The stages of one request in the order they happen (the waterfall's bars).
@@ -31,13 +31,12 @@ _COST_MARTS = {"feature": ("cost_by_feature_daily", "feature"),
 _UTILIZATION_COLUMNS = {"models": "model", "variants": "model_variant"}
 
 
-def _requests_source(filters: Filters, *, dated: bool = True) -> str:
+def _requests_source(filters: Filters) -> str:
     """fct_requests with the dimensions spelled as in the marts (`customers`, `features`, …),
-    filtered; on the date range too unless `dated` is False. The range is put on requested_at,
-    the partition and sort key, so only the range's parts are read."""
+    filtered. The date range is put on requested_at, the partition and sort key, so only the
+    range's parts are read."""
     cols = ", ".join(f"{expr} AS {name}" for name, expr in REQUEST_COLUMNS.items())
-    scope = where(filters, REQUEST_COLUMNS, hour="requested_at") if dated else where(filters, REQUEST_COLUMNS, day=None)
-    return f"(SELECT *, {cols} FROM $marts.fct_requests {scope})"
+    return f"(SELECT *, {cols} FROM $marts.fct_requests {where(filters, REQUEST_COLUMNS, hour='requested_at')})"
 
 
 # ---------------------------------------------------------------------------------------- options
@@ -90,9 +89,6 @@ def overview(wh: DashboardWarehouse, filters: Filters) -> Overview:
     daily = both[both["day"].notna()].reset_index(drop=True)
     daily["day"] = pd.to_datetime(daily["day"])
     total = total_rows.iloc[0] if len(total_rows) else pd.Series(dtype=object)
-    totals = tuple(total.get(c) for c in ("requests", "errors", "input_tokens", "output_tokens", "allocated_usd",
-                                           "fully_loaded_usd", "p95_ttft_ms", "p95_e2e_ms"))
-    totals = tuple(0 if v is None or (isinstance(v, float) and v != v and i < 6) else v for i, v in enumerate(totals))
     fleet = wh.frame(f"""
         SELECT day, sum(bill_usd) AS bill_usd, sum(idle_usd) AS idle_usd, sum(busy_s) AS busy_s, sum(up_s) AS up_s
         FROM $marts.utilization_by_replica_hourly {where(filters, _UTILIZATION_COLUMNS)}
@@ -100,15 +96,17 @@ def overview(wh: DashboardWarehouse, filters: Filters) -> Overview:
     fleet["day"] = pd.to_datetime(fleet["day"])
     daily = daily.merge(fleet, on="day", how="outer").sort_values("day").reset_index(drop=True)
     daily["busy_fraction"] = (daily["busy_s"] / daily["up_s"]).where(daily["up_s"] > 0)
-    requests, errors, input_tokens, output_tokens, allocated, fully_loaded, p95_ttft, p95_e2e = totals
+    requests, errors = int(_nan_to_none(total.get("requests")) or 0), int(_nan_to_none(total.get("errors")) or 0)
     bill, idle = float(fleet["bill_usd"].sum()), float(fleet["idle_usd"].sum())
     up = float(fleet["up_s"].sum())
     kpis = pd.Series({
-        "requests": int(requests or 0), "errors": int(errors or 0),
+        "requests": requests, "errors": errors,
         "error_rate": errors / requests if requests else None,
-        "input_tokens": int(input_tokens or 0), "output_tokens": int(output_tokens or 0),
-        "allocated_usd": float(allocated or 0), "fully_loaded_usd": float(fully_loaded or 0),
-        "p95_ttft_ms": _nan_to_none(p95_ttft), "p95_e2e_ms": _nan_to_none(p95_e2e),
+        "input_tokens": int(_nan_to_none(total.get("input_tokens")) or 0),
+        "output_tokens": int(_nan_to_none(total.get("output_tokens")) or 0),
+        "allocated_usd": _nan_to_none(total.get("allocated_usd")) or 0.0,
+        "fully_loaded_usd": _nan_to_none(total.get("fully_loaded_usd")) or 0.0,
+        "p95_ttft_ms": _nan_to_none(total.get("p95_ttft_ms")), "p95_e2e_ms": _nan_to_none(total.get("p95_e2e_ms")),
         "bill_usd": bill, "idle_usd": idle,
         "utilization": float(fleet["busy_s"].sum()) / up if up else None,
     })
@@ -148,7 +146,7 @@ def _spend(wh: DashboardWarehouse, filters: Filters, bill: bool, newest_request:
 
 
 def _nan_to_none(value: object) -> float | None:
-    if value is None:
+    if value is None or value is pd.NA:
         return None
     value = float(value)  # type: ignore[arg-type]
     return None if value != value else value

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from datetime import date, datetime, timedelta, timezone
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import streamlit as st
 
@@ -14,8 +14,6 @@ from fleetlens.config import ConfigError, load_settings
 from . import queries
 from .filters import DIMENSIONS, Filters
 from .warehouse import DashboardWarehouse, Freshness
-
-T = TypeVar("T")
 
 #: Seconds a query result is reused across reruns and sessions (the marts change once an hour).
 CACHE_TTL_S = 120

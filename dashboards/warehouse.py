@@ -7,7 +7,7 @@ bind parameters (see `filters`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from string import Template
 from typing import Any
@@ -17,7 +17,7 @@ from clickhouse_connect.driver.client import Client
 
 from fleetlens.config import Settings
 from fleetlens.transform import models_database
-from fleetlens.warehouse.client import connect
+from fleetlens.warehouse.client import connect, missing_tables
 
 
 def quote_identifier(name: str) -> str:
@@ -41,7 +41,6 @@ class DashboardWarehouse:
     client: Client
     raw: str
     marts: str
-    _tables: set[tuple[str, str]] | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DashboardWarehouse:
@@ -67,12 +66,8 @@ class DashboardWarehouse:
         return self.client.query(self.sql(template), parameters=params or {}).result_rows
 
     def has_table(self, database: str, table: str) -> bool:
-        if self._tables is None:
-            found = self.client.query(
-                "SELECT database, name FROM system.tables WHERE database IN ({dbs:Array(String)})",
-                parameters={"dbs": [self.raw, self.marts]}).result_rows
-            self._tables = {(d, t) for d, t in found}
-        return (database, table) in self._tables
+        """Asked each time (cheap), not remembered: the marts may be built after the app started."""
+        return not missing_tables(self.client, database, (table,))
 
     def freshness(self) -> Freshness:
         """Newest request in fct_requests and when dbt last wrote it; `empty` when there is none."""

@@ -225,7 +225,7 @@ def _ms(value: float | None) -> str:
 def _warehouse():
     """(client, database) of the configured warehouse; exit 1 when it is down or not migrated."""
     from fleetlens.config import ConfigError, load_settings
-    from fleetlens.warehouse.client import WarehouseUnavailable, connect
+    from fleetlens.warehouse.client import WarehouseUnavailable, connect, missing_tables
 
     try:
         url = load_settings().warehouse
@@ -234,8 +234,7 @@ def _warehouse():
         raise typer.Exit(2) from None
     try:
         client = connect(url)
-        missing = [t for t in ("eval_runs", "eval_items")
-                   if not client.command(f"EXISTS TABLE {url.database}.{t}")]
+        missing = missing_tables(client, url.database, ("eval_runs", "eval_items"))
     except (WarehouseUnavailable, Exception) as error:  # noqa: BLE001 - report, do not crash
         err_console.print(f"[red]cannot use the warehouse at {url.redacted()}: {error}[/red]")
         raise typer.Exit(1) from None

@@ -9,7 +9,7 @@ row per task; `eval_items` FINAL: per task `{item_id: score}`, and every item's 
   one run has, or whose stored status is not `complete` on either side (`running`, `incomplete`,
   `failed`), or whose stored `n_items` disagrees with the items actually stored, is `incomplete`
   whatever the statistics say (they are still reported, for context): partial evidence never passes.
-- **p95 latency** of the two runs' eval items (`eval_items.latency_ms`, the runner's p95 definition),
+- **p95 latency** of the two runs' eval items (`eval_items.latency_ms`, `stats.p95` as the runner reports it),
   by `policy.max_p95_latency_increase` (`stats.judge_increase`; no samples on a side -> incomplete).
 - **cost per request** by `policy.max_cost_per_request_increase`, from `cost_per_request =
   (baseline, candidate)` (the telemetry's cost per request of each target; eval runs do not store
@@ -38,7 +38,7 @@ from typing import Any
 
 from fleetlens.evals import stats
 from fleetlens.evals.policy import GatePolicy
-from fleetlens.evals.stats import BudgetVerdict, TaskVerdict, Verdict
+from fleetlens.evals.stats import BudgetVerdict, TaskVerdict, Verdict, p95
 
 LATENCY_CHECK = "p95_latency_ms"
 COST_CHECK = "cost_per_request"
@@ -110,14 +110,6 @@ def load_run(client: Any, database: str | None, run_id: str) -> StoredRun:
     _, _, _, target, model, variant, git_sha, config_hash, seed, _ = runs[-1]
     return StoredRun(run_id, dict(sorted(tasks.items())), tuple(sorted(latencies)), str(target), str(model),
                      str(variant), str(git_sha), str(config_hash), int(seed))
-
-
-def p95(samples: Sequence[float]) -> float | None:
-    """The runner's p95 (runner._metrics): the sorted sample at index int(0.95 n); None without samples."""
-    if not samples:
-        return None
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
 # --------------------------------------------------------------------------- the decision

@@ -51,6 +51,7 @@ from typing import Any, Literal
 
 import httpx
 
+from .stats import p95
 from .suite import DEFAULT_SUITE, DEFAULT_TASKS, EvalConfigError, Suite, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -456,7 +457,7 @@ def _metrics(aggregate: dict[str, Any], items: list[ItemResult], complete: bool)
     if items:
         latencies = sorted(i.latency_ms for i in items)
         metrics["latency_ms_p50"] = statistics.median(latencies)
-        metrics["latency_ms_p95"] = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+        metrics["latency_ms_p95"] = p95(latencies)
         metrics["output_tokens_mean"] = sum(i.output_tokens for i in items) / len(items)
     return metrics
 

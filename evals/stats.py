@@ -411,6 +411,15 @@ def _check_parameters(max_drop: float, min_items: int, confidence: float, method
         raise ValueError(f"resamples must be >= 1, got {resamples!r}")
 
 
+def p95(samples: Sequence[float]) -> float | None:
+    """The p95 the eval runs report and the gate judges: the sorted sample at index int(0.95 n)
+    (a real observed latency, no interpolation); None without samples."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
 def _pts(fraction: float, *, sign: bool = True) -> str:
     """A fraction as points: -0.0213 -> '-2.13 pts'."""
     return f"{100 * fraction:{'+' if sign else ''}.2f} pts"

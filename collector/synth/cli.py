@@ -152,14 +152,12 @@ def synth_command(
 
 def _warehouse_client(err: Console, to: Target) -> tuple[object, str]:
     from fleetlens.config import ConfigError, load_settings
-    from fleetlens.warehouse.client import WarehouseUnavailable, connect
+    from fleetlens.warehouse.client import WarehouseUnavailable, connect, missing_tables
 
     try:
         url = load_settings().warehouse
         client = connect(url, database="default", send_receive_timeout=600)
-        present = {row[0] for row in client.query(
-            "SELECT name FROM system.tables WHERE database = {db:String}", parameters={"db": url.database}).result_rows}
-        missing = [t for t in ("otel_traces", "fleet_metrics") if t not in present]
+        missing = missing_tables(client, url.database, ("otel_traces", "fleet_metrics"))
     except (ConfigError, WarehouseUnavailable) as error:
         hint = "" if to is Target.warehouse else " (fleet_metrics go to the warehouse; --no-metrics skips them)"
         err.print(f"[red]{error}{hint}[/red]")

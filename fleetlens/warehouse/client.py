@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import clickhouse_connect
 import httpx
@@ -31,6 +31,13 @@ def connect(url: WarehouseURL, *, database: str | None = None, **kwargs: Any) ->
         )
     except Exception as error:
         raise WarehouseUnavailable(f"cannot reach the warehouse at {url.redacted()}: {error}") from error
+
+
+def missing_tables(client: Client, database: str, tables: Iterable[str]) -> list[str]:
+    """Which of `tables` `database` lacks, in the order given (one query to system.tables)."""
+    present = {row[0] for row in client.query(
+        "SELECT name FROM system.tables WHERE database = {db:String}", parameters={"db": database}).result_rows}
+    return [table for table in tables if table not in present]
 
 
 def ping(url: WarehouseURL, timeout_s: float = 2.0) -> bool:
