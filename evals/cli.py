@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -63,6 +64,7 @@ def run_command(
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 4,
     feature: Annotated[str, typer.Option(help="Feature the requests are attributed to.")] = "eval",
     variant: Annotated[str, typer.Option(help="Variant label stored with the run (e.g. int4).")] = "",
+    route: Annotated[str, typer.Option(help="Route label stored with the run (the feature TARGET names).")] = "",
     json_out: Annotated[Optional[Path], typer.Option(help="Also write the result (every item) here.")] = None,
     store: Annotated[bool, typer.Option(help="Store the run in the warehouse (eval_runs, eval_items).")] = True,
     tasks_dir: Annotated[Optional[Path], typer.Option(help="Task YAML folder (default: the shipped evals/tasks).")]
@@ -117,7 +119,7 @@ def run_command(
         try:
             result = run_eval(target, gateway, api_key, [s.name for s in specs], limit=limit, seed=seed,
                               client=client, database=database, feature=feature, concurrency=concurrency,
-                              variant=variant, suite=suite, progress=on_event)
+                              variant=variant, route=route, suite=suite, progress=on_event)
         except EvalConfigError as error:
             err_console.print(f"[red]{error}[/red]")
             raise typer.Exit(2) from None
@@ -126,7 +128,7 @@ def run_command(
             raise typer.Exit(1) from None
 
     table = Table(title=f"eval run {result.run_id}: {target} ({result.model or 'no answer'})")
-    for column in ("task", "status", "items", "exact_match", "p50 ms", "p95 ms"):
+    for column in ("task", "status", "items", "accuracy", "p50 ms", "p95 ms"):
         table.add_column(column, justify="left" if column in ("task", "status") else "right")
     for name, task in result.tasks.items():
         accuracy = task.accuracy
@@ -174,8 +176,6 @@ def compare_command(
 
     Prints the Markdown report, writes it to --report-out and appends it to $GITHUB_STEP_SUMMARY when set.
     """
-    from rich.markdown import Markdown
-
     from fleetlens.config import ConfigError
 
     from .compare import UnknownRunError, decide, load_run, render_report, store_decision
@@ -200,14 +200,7 @@ def compare_command(
     decision = decide(baseline, candidate, gate_policy, cost_per_request=(baseline_cost, candidate_cost),
                       changes=change or [], require_cost=require_cost)
     report = render_report(decision)
-    console.print(Markdown(report))
-    if report_out is not None:
-        report_out.write_text(report)
-        console.print(f"wrote {report_out}")
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        with open(summary, "a", encoding="utf-8") as handle:
-            handle.write(report + "\n")
+    _publish(report, report_out)
     if store:
         try:
             gate_id = store_decision(client, database, decision, baseline_run, candidate_run, report_md=report)
@@ -218,12 +211,139 @@ def compare_command(
     raise typer.Exit({Verdict.PASS: EXIT_PASS, Verdict.FAIL: EXIT_FAIL}.get(decision.verdict, EXIT_INCOMPLETE))
 
 
+@eval_app.command("gate")
+def gate_command(
+    baseline: Annotated[str, typer.Option(help="Baseline fleet: a git revision, a directory with models.yaml and "
+                                               "routes.yaml, or one of those files.")],
+    candidate: Annotated[str, typer.Option(help="Candidate fleet, in the same forms (e.g. HEAD, or ./routes.yaml).")],
+    models_path: Annotated[Optional[Path], typer.Option(
+        help="models.yaml in the repository/working tree (default: gateway.models_file).")] = None,
+    routes_path: Annotated[Optional[Path], typer.Option(
+        help="routes.yaml in the repository/working tree (default: gateway.routes_file).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Only these tasks (comma-separated).")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N items of each task.")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the requests and of lm-eval.")] = 0,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight per run.")] = 4,
+    policy: Annotated[Optional[Path], typer.Option(help="Gate policy YAML (default: the shipped evals/gate.yaml).")]
+    = None,
+    report_out: Annotated[Optional[Path], typer.Option(help="Also write the Markdown report here.")] = None,
+    store: Annotated[bool, typer.Option(help="Store the decision in gate_decisions (dashboard's Evals page).")]
+    = True,
+    require_cost: Annotated[bool, typer.Option(
+        help="A cost per request the telemetry cannot give (collector down) makes the gate incomplete.")] = True,
+    evaluate: Annotated[Optional[list[str]], typer.Option(
+        help="Also evaluate this route or model, changed or not (repeatable); same ref on both sides = A/A check.")]
+    = None,
+    plan_only: Annotated[bool, typer.Option(help="Print what changed and what would be evaluated; start nothing.")]
+    = False,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Configs and logs of the gate's processes "
+                                                          "(default <data_dir>/gate/<time>).")] = None,
+) -> None:
+    """Gate a change of models.yaml / routes.yaml: find what changed, start the replicas and a gateway per
+    side, run the suite on both through the gateway, judge quality, p95 latency and cost per request by
+    the policy. Exit 0 pass, 1 fail, 3 incomplete, 2 could not decide (bad reference or config, fleet did
+    not start, warehouse unusable). The report goes to stdout, --report-out and $GITHUB_STEP_SUMMARY."""
+    from fleetlens.config import ConfigError, load_settings
+
+    from .gate import GateError, default_work_dir, run_gate, store_gate
+    from .gate_plan import plan_gate
+    from .policy import load_policy
+    from .refs import load_fleet_config
+    from .stats import Verdict
+    from .suite import EvalConfigError
+
+    try:
+        settings = load_settings()
+        gate_policy = load_policy(policy)
+        paths = dict(models_path=models_path or settings.gateway.models_file,
+                     routes_path=routes_path or settings.gateway.routes_file)
+        sides = load_fleet_config(baseline, **paths), load_fleet_config(candidate, **paths)
+        suite = _suite(None, None)
+        names = [s.name for s in suite.resolve(tasks or suite.names())]
+        unknown = sorted({t for ts in gate_policy.traffic.values() for t in ts} - set(suite.names()))
+        if unknown:
+            raise EvalConfigError(f"gate policy: traffic names unknown task(s) {', '.join(unknown)} "
+                                  f"(known: {', '.join(suite.names())})")
+        traffic = {f: [t for t in ts if t in names] for f, ts in gate_policy.traffic.items()}
+        plan = plan_gate(*sides, traffic=traffic, suite_tasks=names, evaluate=evaluate or ())
+    except ConfigError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(EXIT_ERROR) from None
+    _print_plan(sides, plan)
+    if plan_only:
+        raise typer.Exit(EXIT_PASS)
+    try:
+        client, database = _warehouse()
+    except typer.Exit:
+        raise typer.Exit(EXIT_ERROR) from None
+    started = time.monotonic()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:
+        status = progress.add_task("planning", total=None)
+
+        def on_status(message: str) -> None:
+            progress.update(status, description=message)
+            progress.console.print(f"[dim]{time.monotonic() - started:6.0f} s[/dim]  {message}")
+
+        try:
+            result = run_gate(*sides, plan, policy=gate_policy, client=client, database=database,
+                              settings=settings, work_dir=work_dir or default_work_dir(settings), seed=seed,
+                              limit=limit, concurrency=concurrency, require_cost=require_cost, on_status=on_status)
+        except GateError as error:
+            err_console.print(f"[red]the gate could not run: {error}[/red]")
+            raise typer.Exit(EXIT_ERROR) from None
+    _publish(result.report, report_out)
+    if store:
+        try:
+            console.print(f"stored gate decision {store_gate(client, database, result)}")
+        except Exception as error:  # noqa: BLE001 - the decision stands; say it was not stored
+            err_console.print(f"[red]could not store the decision in gate_decisions: {error}[/red]")
+            raise typer.Exit(EXIT_ERROR) from None
+    console.print(f"gate {result.verdict} in {result.wall_s:.0f} s (start-up {result.startup_s:.0f} s)")
+    raise typer.Exit({Verdict.PASS: EXIT_PASS, Verdict.FAIL: EXIT_FAIL}.get(result.verdict, EXIT_INCOMPLETE))
+
+
+def _print_plan(sides, plan) -> None:
+    baseline, candidate = sides
+    table = Table(title=f"eval gate: {baseline.label} -> {candidate.label}")
+    table.add_column("evaluate")
+    table.add_column("tasks")
+    table.add_column("why")
+    for unit in plan.units:
+        table.add_row(unit.title, ", ".join(unit.tasks), unit.why)
+    if not plan.units:
+        table.add_row("(nothing)", "-", "no change can alter an answer")
+    console.print(table)
+    for change in plan.changes or ["no change"]:
+        console.print(f"  changed: {change}")
+    for note in plan.notes:
+        console.print(f"  [dim]not gated: {note}[/dim]")
+
+
+def _publish(report: str, report_out: Path | None) -> None:
+    """The Markdown report on the console, in --report-out, and in the GitHub job summary when there is one."""
+    from rich.markdown import Markdown
+
+    console.print(Markdown(report))
+    if report_out is not None:
+        report_out.write_text(report)
+        console.print(f"wrote {report_out}")
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as handle:
+            handle.write(report + "\n")
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
 def _warehouse():
-    """(client, database) of the configured warehouse; exit 1 when it is down or not migrated."""
+    return warehouse_or_exit(("eval_runs", "eval_items"))
+
+
+def warehouse_or_exit(tables: tuple[str, ...]):
+    """(client, database) of the configured warehouse; exit 2 on bad settings, 1 when it is down or lacks
+    one of `tables` (not migrated)."""
     from fleetlens.config import ConfigError, load_settings
     from fleetlens.warehouse.client import WarehouseUnavailable, connect, missing_tables
 
@@ -234,7 +354,7 @@ def _warehouse():
         raise typer.Exit(2) from None
     try:
         client = connect(url)
-        missing = missing_tables(client, url.database, ("eval_runs", "eval_items"))
+        missing = missing_tables(client, url.database, tables)
     except (WarehouseUnavailable, Exception) as error:  # noqa: BLE001 - report, do not crash
         err_console.print(f"[red]cannot use the warehouse at {url.redacted()}: {error}[/red]")
         raise typer.Exit(1) from None
@@ -250,3 +370,8 @@ def _quiet() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     for name in ("lm_eval", "lm-eval", "datasets", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+from .replay import replay_command  # noqa: E402 - `fleetlens eval replay` (evals/replay.py)
+
+eval_app.command("replay")(replay_command)

@@ -10,7 +10,8 @@ row per task; `eval_items` FINAL: per task `{item_id: score}`, and every item's 
   `failed`), or whose stored `n_items` disagrees with the items actually stored, is `incomplete`
   whatever the statistics say (they are still reported, for context): partial evidence never passes.
 - **p95 latency** of the two runs' eval items (`eval_items.latency_ms`, `stats.p95` as the runner reports it),
-  by `policy.max_p95_latency_increase` (`stats.judge_increase`; no samples on a side -> incomplete).
+  by `policy.max_p95_latency_increase` (`stats.judge_increase_samples`: fails only when the bootstrap
+  lower bound of the increase is above the budget; no samples on a side -> incomplete).
 - **cost per request** by `policy.max_cost_per_request_increase`, from `cost_per_request =
   (baseline, candidate)` (the telemetry's cost per request of each target; eval runs do not store
   cost). Policy choice, documented here and in `fleetlens eval compare --help`: `stats` treats a
@@ -119,7 +120,7 @@ def load_run(client: Any, database: str | None, run_id: str) -> StoredRun:
 class GateDecision:
     verdict: Verdict
     tasks: tuple[TaskVerdict, ...]
-    latency: BudgetVerdict
+    latency: BudgetVerdict | None  # None: budgets not judged here (`fleetlens eval gate` judges them once)
     cost: BudgetVerdict | None  # None: not measured and not required (left out of the verdict)
     baseline_run: str
     candidate_run: str
@@ -132,7 +133,7 @@ class GateDecision:
     @property
     def reasons(self) -> list[str]:
         """Why the gate did not pass: every fail and incomplete, fails first."""
-        judged: list[TaskVerdict | BudgetVerdict] = [*self.tasks, self.latency, *([self.cost] if self.cost else [])]
+        judged: list[TaskVerdict | BudgetVerdict] = [*self.tasks, *(b for b in (self.latency, self.cost) if b)]
         return ([f"fail: {r.reason}" for r in judged if r.verdict == Verdict.FAIL]
                 + [f"incomplete: {r.reason}" for r in judged if r.verdict == Verdict.INCOMPLETE])
 
@@ -147,7 +148,8 @@ class GateDecision:
             "baseline": self.baseline_meta, "candidate": self.candidate_meta,
             "policy": self.policy,
             "tasks": [{**asdict(t), "verdict": str(t.verdict), "unpaired": len(t.unpaired)} for t in self.tasks],
-            "latency": {**budget(self.latency), "samples": list(self.latency_samples)},  # type: ignore[dict-item]
+            "latency": ({**budget(self.latency), "samples": list(self.latency_samples)}  # type: ignore[dict-item]
+                        if self.latency else {"check": LATENCY_CHECK, "verdict": "not judged here"}),
             "cost": budget(self.cost) or {"check": COST_CHECK, "verdict": "not measured"},
             "changes": list(self.changes),
             "reasons": self.reasons,
@@ -160,10 +162,18 @@ def decide(
     policy: GatePolicy,
     *,
     cost_per_request: tuple[float | None, float | None] = (None, None),
+    cost_samples: tuple[Sequence[float], Sequence[float]] | None = None,
     changes: Sequence[str] = (),
     require_cost: bool = False,
+    budgets: bool = True,
 ) -> GateDecision:
-    """Judge `candidate` against `baseline` by `policy` (see the module docstring for every rule)."""
+    """Judge `candidate` against `baseline` by `policy` (see the module docstring for every rule).
+
+    `cost_samples`: per-request costs of each side from the telemetry (`cost.py`), judged like the
+    latency (bootstrap of the mean); otherwise `cost_per_request` numbers, judged as points.
+    `budgets=False`: quality only (latency and cost are judged by the caller, e.g. once over all of a
+    gate's requests).
+    """
     verdicts = []
     for name in sorted(baseline.tasks.keys() | candidate.tasks.keys()):
         b, c = baseline.tasks.get(name), candidate.tasks.get(name)
@@ -185,14 +195,22 @@ def decide(
                                      f"{context}")
         verdicts.append(verdict)
 
-    latency = stats.judge_increase(LATENCY_CHECK, p95(baseline.latency_ms), p95(candidate.latency_ms),
-                                   policy.max_p95_latency_increase)
+    resampling = dict(confidence=policy.confidence, resamples=policy.bootstrap_resamples, seed=policy.seed)
+    latency: BudgetVerdict | None = None
+    if budgets:
+        latency = stats.judge_increase_samples(LATENCY_CHECK, baseline.latency_ms, candidate.latency_ms,
+                                               policy.max_p95_latency_increase, statistic="p95", **resampling)
     base_cost, cand_cost = cost_per_request
     cost: BudgetVerdict | None = None
-    if require_cost or base_cost is not None or cand_cost is not None:
+    if not budgets:
+        pass
+    elif cost_samples is not None:
+        cost = stats.judge_increase_samples(COST_CHECK, cost_samples[0], cost_samples[1],
+                                            policy.max_cost_per_request_increase, statistic="mean", **resampling)
+    elif require_cost or base_cost is not None or cand_cost is not None:
         cost = stats.judge_increase(COST_CHECK, base_cost, cand_cost, policy.max_cost_per_request_increase)
 
-    overall = stats.combine([*verdicts, latency, *([cost] if cost else [])])
+    overall = stats.combine([*verdicts, *(b for b in (latency, cost) if b)])
     policy_summary = {"confidence": policy.confidence, "method": policy.method,
                       "bootstrap_resamples": policy.bootstrap_resamples, "seed": policy.seed,
                       "max_p95_latency_increase": policy.max_p95_latency_increase,
@@ -216,16 +234,27 @@ _HEADLINE = {Verdict.PASS: "PASS", Verdict.FAIL: "FAIL", Verdict.INCOMPLETE: "IN
 
 def render_report(decision: GateDecision) -> str:
     """The gate's Markdown report; the same decision gives byte-identical text."""
+    lines = [f"## Eval gate: **{_HEADLINE[decision.verdict]}**", "",
+             f"Baseline run `{decision.baseline_run}` ({_describe(decision.baseline_meta)}) vs candidate run "
+             f"`{decision.candidate_run}` ({_describe(decision.candidate_meta)}).", ""]
+    lines += render_sections(decision, "###")
+    lines += ["", "### What changed", ""]
+    lines += [f"- {change}" for change in decision.changes] or ["- (not given)"]
+    reasons = decision.reasons
+    if reasons:
+        lines += ["", "### Why not a pass", ""] + [f"- {reason}" for reason in reasons]
+    return "\n".join(lines) + "\n"
+
+
+def render_sections(decision: GateDecision, heading: str) -> list[str]:
+    """The quality table and the latency/cost table of one decision, under `heading`-level titles."""
     p = decision.policy
     level = f"{p['confidence']:.0%}"
     method = ("paired bootstrap" f" ({p['bootstrap_resamples']:,} resamples, seed {p['seed']})"
               if p["method"] == "bootstrap" else "McNemar / Wald")
-    lines = [f"## Eval gate: **{_HEADLINE[decision.verdict]}**", "",
-             f"Baseline run `{decision.baseline_run}` ({_describe(decision.baseline_meta)}) vs candidate run "
-             f"`{decision.candidate_run}` ({_describe(decision.candidate_meta)}).", "",
-             f"Quality: {method}, {level} two-sided CI; a task fails when the one-sided {level} bound of the "
+    lines = [f"Quality: {method}, {level} two-sided CI; a task fails when the one-sided {level} bound of the "
              f"delta is below -margin.", "",
-             "### Quality per task", "",
+             f"{heading} Quality per task", "",
              f"| Task | Baseline | Candidate | Delta | {level} CI | n | Margin | Verdict |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for t in decision.tasks:
@@ -235,25 +264,28 @@ def render_report(decision: GateDecision) -> str:
                      f"{100 * t.max_drop:.2f} pts | {t.verdict} |")
     if not decision.tasks:
         lines.append("| (no tasks in either run) | - | - | - | - | 0 | - | incomplete |")
-    lines += ["", "### Latency and cost", "",
-              "| Check | Baseline | Candidate | Change | Allowed | Verdict |", "|---|---:|---:|---:|---:|---|"]
-    bl, cl = decision.latency_samples
-    lines.append(f"| p95 latency, ms ({bl:,} / {cl:,} items) | {_num(decision.latency.baseline)} | "
-                 f"{_num(decision.latency.candidate)} | {_inc(decision.latency.increase)} | "
-                 f"+{decision.latency.max_increase:.0%} | {decision.latency.verdict} |")
+    if decision.latency is None:
+        return lines
+    lines += ["", f"{heading} Latency and cost", "", BUDGET_HEADER, "|---|---:|---:|---:|---:|---|"]
+    lines.append(budget_row(decision.latency, f"p95 latency, ms ({decision.latency_samples[0]:,} / "
+                                              f"{decision.latency_samples[1]:,} items)"))
     if decision.cost is None:
         lines.append(f"| cost per request | - | - | - | +{p['max_cost_per_request_increase']:.0%} | "
                      f"not measured (not required) |")
     else:
         c = decision.cost
-        lines.append(f"| cost per request | {_num(c.baseline)} | {_num(c.candidate)} | {_inc(c.increase)} | "
-                     f"+{c.max_increase:.0%} | {c.verdict} |")
-    lines += ["", "### What changed", ""]
-    lines += [f"- {change}" for change in decision.changes] or ["- (not given)"]
-    reasons = decision.reasons
-    if reasons:
-        lines += ["", "### Why not a pass", ""] + [f"- {reason}" for reason in reasons]
-    return "\n".join(lines) + "\n"
+        lines.append(budget_row(c, f"cost per request, USD ({c.samples[0]:,} / {c.samples[1]:,} requests)"
+                                if c.samples[0] else "cost per request"))
+    return lines
+
+
+BUDGET_HEADER = "| Check | Baseline | Candidate | Change | Allowed | Verdict |"
+
+
+def budget_row(budget: BudgetVerdict, what: str) -> str:
+    """One row of the latency and cost table."""
+    return (f"| {what} | {_num(budget.baseline)} | {_num(budget.candidate)} | {_change(budget)} | "
+            f"+{budget.max_increase:.0%} | {budget.verdict} |")
 
 
 def _describe(meta: dict[str, str]) -> str:
@@ -280,6 +312,13 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:,.4g}" if abs(value) < 1 else f"{value:,.1f}"
 
 
+def _change(budget: BudgetVerdict) -> str:
+    """The relative change, with its CI when it was judged on samples."""
+    if budget.ci_low is None or budget.ci_high is None:
+        return _inc(budget.increase)
+    return f"{_inc(budget.increase)} (CI {_inc(budget.ci_low)} to {_inc(budget.ci_high)})"
+
+
 def _inc(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:+.1%}"
 
@@ -294,14 +333,22 @@ GATE_COLUMNS = ["gate_id", "decided_at", "baseline_ref", "candidate_ref", "verdi
 def store_decision(client: Any, database: str | None, decision: GateDecision, baseline_ref: str,
                    candidate_ref: str, *, report_md: str | None = None) -> str:
     """Insert one gate_decisions row; returns its gate_id."""
-    gate_id = uuid.uuid4().hex
     report = render_report(decision) if report_md is None else report_md
-    row = [gate_id, dt.datetime.now(dt.UTC), baseline_ref, candidate_ref, str(decision.verdict),
-           list(decision.changes), report, json.dumps(decision.details(), sort_keys=True, default=str)]
+    return store_gate_row(client, database, verdict=decision.verdict, baseline_ref=baseline_ref,
+                          candidate_ref=candidate_ref, changes=decision.changes, report_md=report,
+                          details=decision.details())
+
+
+def store_gate_row(client: Any, database: str | None, *, verdict: Verdict, baseline_ref: str, candidate_ref: str,
+                   changes: Sequence[str], report_md: str, details: dict[str, Any]) -> str:
+    """One gate_decisions row (the dashboards' Evals page reads them); returns its gate_id."""
+    gate_id = uuid.uuid4().hex
+    row = [gate_id, dt.datetime.now(dt.UTC), baseline_ref, candidate_ref, str(verdict), list(changes), report_md,
+           json.dumps(details, sort_keys=True, default=str)]
     where = {"database": database} if database else {}
     client.insert(table="gate_decisions", data=[row], column_names=GATE_COLUMNS, **where)
     return gate_id
 
 
 __all__ = ["GateDecision", "StoredRun", "StoredTask", "UnknownRunError", "decide", "load_run", "p95",
-           "render_report", "store_decision"]
+           "budget_row", "render_report", "render_sections", "store_decision", "store_gate_row"]

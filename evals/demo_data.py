@@ -1,4 +1,4 @@
-"""The demo models' lookup facts as eval data: `evals/data/lookup_{easy,hard}.jsonl`.
+"""The demo models' lookup facts as eval data: `evals/data/lookup_{easy,hard,choice}.jsonl`.
 
 The facts come from the demo trainer's own `make_facts` (serving/demo_models/train.py), so the
 shipped data and the models cannot drift apart; tests/test_eval_runner.py checks the shipped files
@@ -7,7 +7,11 @@ against it. train.py imports torch, which only the serving venv has, so this mod
 
 Regenerate after changing the demo seed or slice sizes::
 
-    python -m fleetlens.evals.demo_data            # writes evals/data/lookup_{easy,hard}.jsonl
+    python -m fleetlens.evals.demo_data            # writes evals/data/lookup_{easy,hard,choice}.jsonl
+
+`lookup_choice.jsonl` is the same facts as a multiple-choice (likelihood) task: prompt `key=`, four
+values to choose from — the fact's own and three other facts' — with the right one at a position
+drawn from a generator seeded by the key alone, so an item does not change when others are added.
 """
 
 from __future__ import annotations
@@ -75,11 +79,41 @@ def records(seed: int | None = None, easy: int | None = None, hard: int | None =
             for name, facts in (("easy", easy_facts), ("hard", hard_facts))}
 
 
+CHOICES = 4
+CHOICE_EASY = 50    # every easy fact ...
+CHOICE_HARD = 250   # ... and the first 250 hard ones: 300 items, well under a minute on demo-large
+
+
+def choice_records(seed: int | None = None, easy: int = CHOICE_EASY, hard: int = CHOICE_HARD,
+                   choices: int = CHOICES) -> list[dict]:
+    """lookup_choice items: {"id", "prompt", "choices", "label", "answer", "slice"}, easy facts first.
+
+    The distractors are other facts' values (from both slices, never equal to the answer); the
+    generator that draws them and the answer's position is seeded by f"lookup_choice/{seed}/{key}".
+    """
+    params = default_params()
+    seed = params["seed"] if seed is None else seed
+    easy_facts, hard_facts = load_make_facts()(seed, params["easy"], params["hard"])
+    values = sorted({value for _, value in easy_facts + hard_facts})
+    rows = []
+    for name, facts in (("easy", easy_facts[:easy]), ("hard", hard_facts[:hard])):
+        for key, value in facts:
+            rng = random.Random(f"lookup_choice/{seed}/{key}")
+            options = rng.sample([v for v in values if v != value], choices - 1)
+            label = rng.randrange(choices)
+            options.insert(label, value)
+            rows.append({"id": key, "prompt": f"{key}=", "choices": options, "label": label, "answer": value,
+                         "slice": name})
+    return rows
+
+
 def write(out_dir: Path = DATA_DIR) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, rows in records().items():
-        path = out_dir / f"lookup_{name}.jsonl"
+    files = {f"lookup_{name}.jsonl": rows for name, rows in records().items()}
+    files["lookup_choice.jsonl"] = choice_records()
+    for file_name, rows in files.items():
+        path = out_dir / file_name
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         written.append(path)
     return written

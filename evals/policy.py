@@ -49,6 +49,12 @@ class GatePolicy(BaseModel):
     tasks: dict[str, TaskOverride | None] = Field(default_factory=dict)  # `name:` alone = no overrides
     max_p95_latency_increase: float = Field(stats.DEFAULT_MAX_P95_LATENCY_INCREASE, ge=0.0)
     max_cost_per_request_increase: float = Field(stats.DEFAULT_MAX_COST_PER_REQUEST_INCREASE, ge=0.0)
+    # `fleetlens eval gate` judges latency and cost on all of its eval requests together, and only
+    # from this many requests per side; fewer are reported but left out of the verdict.
+    min_budget_requests: int = Field(500, ge=1)
+    # feature -> the eval tasks that stand for its traffic (`fleetlens eval gate` judges a changed route
+    # on these, sent through that route on both sides); a feature not listed gets the whole suite.
+    traffic: dict[str, list[str]] = Field(default_factory=dict)
 
     def for_task(self, name: str) -> tuple[float, int]:
         """The effective (max_drop, min_items) for task `name`: its override, else the defaults."""

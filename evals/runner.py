@@ -8,6 +8,17 @@ header, which the gateway prefers over the key's default feature) and carrying i
 `traceparent`, whose trace id is stored with the item, so per-item quality joins the same
 telemetry that prices and times production (cost and latency of a target come from the traces).
 
+Likelihood tasks (`output_type: multiple_choice` or `loglikelihood`) go the same way: one
+`/v1/completions` request per *item* — every choice of the item as one prompt of a batched prompt
+(token ids, `echo: true`, `logprobs: 1`, `max_tokens: 1`, greedy) — and each continuation's
+log-likelihood is the sum of its echoed prompt-token logprobs (lm-eval's `parse_logprobs` rule).
+Token ids come from the gateway's `/tokenize` (the replica's own tokenizer, `add_special_tokens`
+as for a text prompt, so BOS is there like in generation); lm-eval's `tokenizer_backend=remote`
+is not used: it needs `/tokenizer_info`, which vLLM serves only with
+`--enable-tokenizer-info-endpoint`, and it names no model. So an item is one trace (its trace id
+is stored), its latency is that one request's, its tokens that request's usage (prompt tokens of
+all its choices; completion tokens: one per choice, the `max_tokens: 1` that echo needs).
+
 Why the request loop is ours: lm-eval's `TemplateAPI.generate_until` raises on the first request
 that fails its retries and returns nothing, so an endpoint that dies at item 900 of 1,000 would
 lose 899 answers. `GatewayCompletions` subclasses `LocalCompletionsAPI` (same payload: prompt,
@@ -16,7 +27,8 @@ it times each one, reads its token usage, and when the endpoint fails (after `ma
 attempts for 5xx/429/network errors, at once for other 4xx) stops sending. lm-eval still scores
 every answer it got (its filters and metrics, `log_samples=True`); items that got no answer are
 dropped, the run is stored `incomplete` with the items that finished, and the result says why.
-A run is `complete` only when every item of every task was answered and scored.
+A run is `complete` only when every item of every task was answered and scored. `loglikelihood`
+does the same for likelihood requests (a failed /tokenize call counts as the endpoint failing).
 
 Warehouse rows (fleetlens/schema/migrations/0003_evals.sql): one `eval_runs` row per task with
 status `running` when the run starts, then the final row (`complete` / `incomplete` / `failed`,
@@ -59,6 +71,11 @@ log = logging.getLogger(__name__)
 FEATURE_HEADER = "X-FleetLens-Feature"
 DEFAULT_FEATURE = "eval"
 COMPLETIONS_PATH = "/v1/completions"
+TOKENIZE_PATH = "/tokenize"
+GENERATIVE = "generate_until"
+LIKELIHOOD = frozenset({"multiple_choice", "loglikelihood"})
+SUPPORTED_OUTPUT_TYPES = (GENERATIVE, "multiple_choice", "loglikelihood")
+UNANSWERED_LOGPROB = -1e30
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 REPO = Path(__file__).resolve().parents[1]
@@ -193,13 +210,17 @@ def _model_class():
 
         def __init__(self, *, api_key: str, feature: str, num_concurrent: int, progress: Progress | None,
                      **kwargs: Any) -> None:
-            # No tokenizer: generate_until sends text prompts, so lm-eval needs none (likelihood
-            # tasks would: tokenizer_backend=remote through the gateway's /tokenize).
+            # No lm-eval tokenizer: generate_until sends text prompts, and `loglikelihood` (ours)
+            # gets token ids from the gateway's /tokenize itself (see `_tokenize`).
             super().__init__(tokenizer_backend=kwargs.pop("tokenizer_backend", None),
                              tokenized_requests=kwargs.pop("tokenized_requests", False),
                              num_concurrent=num_concurrent, **kwargs)
             self._fl_headers = {"Authorization": f"Bearer {api_key}", FEATURE_HEADER: feature}
             self._fl_progress = progress
+            # likelihood requests: token ids from the gateway's /tokenize, cached per text
+            self._fl_tokenize_url = self.base_url.removesuffix(COMPLETIONS_PATH) + TOKENIZE_PATH
+            self._fl_tokenize_by_model = True  # False: the target is a route; name it by feature instead
+            self._fl_tokens: dict[str, list[int]] = {}
             self.calls: dict[tuple[str, int], _Call] = {}
             self.error: str | None = None
             self._abort = threading.Event()
@@ -210,40 +231,75 @@ def _model_class():
             return dict(self._fl_headers)
 
         def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-            totals = Counter(r.task_name for r in requests)
+            results: list[str] = [""] * len(requests)
+
+            def send(client: httpx.Client, indices: list[int]) -> None:
+                (index,) = indices
+                call = self._send(client, requests[index])
+                results[index] = call.text
+                self._store(requests[index], call)
+
+            self._run_items(requests, [[index] for index in range(len(requests))], send)
+            return results
+
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            """One request per item (task, doc): its instances' continuations as one batched prompt."""
+            # an unanswered instance keeps a placeholder (finite: lm-eval softmaxes the choices) that
+            # lm-eval scores, but `_items` drops its doc: it has no call
+            results: list[tuple[float, bool]] = [(UNANSWERED_LOGPROB, False)] * len(requests)
+            items: dict[tuple[str, int], list[int]] = {}
+            for index, request in enumerate(requests):
+                items.setdefault((request.task_name, request.doc_id), []).append(index)
+
+            def send(client: httpx.Client, indices: list[int]) -> None:
+                scored, call = self._send_likelihood(client, [requests[i] for i in indices])
+                for index, value in zip(indices, scored, strict=True):
+                    results[index] = value
+                self._store(requests[indices[0]], call)
+
+            self._run_items(requests, list(items.values()), send)
+            return results
+
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+            raise EvalConfigError("loglikelihood_rolling (perplexity) tasks are not supported by the runner")
+
+        def _run_items(self, requests: list[Any], items: list[list[int]],
+                       send: Callable[[httpx.Client, list[int]], None]) -> None:
+            """Send every item (a list of request indices) with `send`, `_concurrent` at a time; the
+            first EvalEndpointError stops the rest (recorded in `self.error`, reported once)."""
+            totals = Counter(requests[indices[0]].task_name for indices in items)
             for task, total in totals.items():
                 self._emit(ProgressEvent("start", task, total=total))
-            results: list[str] = [""] * len(requests)
             limits = httpx.Limits(max_connections=self._concurrent, max_keepalive_connections=self._concurrent)
             with httpx.Client(timeout=self.timeout, limits=limits) as client:
-                def one(index: int) -> None:
-                    request = requests[index]
+                def one(indices: list[int]) -> None:
+                    task = requests[indices[0]].task_name
                     if self._abort.is_set():
                         return
                     try:
-                        call = self._send(client, request)
+                        send(client, indices)
                     except EvalEndpointError as error:
                         with self._lock:
                             first = self.error is None
                             if first:
                                 self.error = str(error)
                         self._abort.set()
-                        self._emit(ProgressEvent("item", request.task_name, ok=False))
+                        self._emit(ProgressEvent("item", task, ok=False))
                         if first:
-                            self._emit(ProgressEvent("error", request.task_name, message=str(error)))
+                            self._emit(ProgressEvent("error", task, message=str(error)))
                         return
-                    with self._lock:
-                        self.calls[(request.task_name, request.doc_id)] = call
-                    results[index] = call.text
-                    self._emit(ProgressEvent("item", request.task_name))
+                    self._emit(ProgressEvent("item", task))
 
                 if self._concurrent <= 1:
-                    for index in range(len(requests)):
-                        one(index)
+                    for indices in items:
+                        one(indices)
                 else:
                     with ThreadPoolExecutor(self._concurrent, thread_name_prefix="fleetlens-eval") as pool:
-                        list(pool.map(one, range(len(requests))))
-            return results
+                        list(pool.map(one, items))
+
+        def _store(self, request: Any, call: _Call) -> None:
+            with self._lock:
+                self.calls[(request.task_name, request.doc_id)] = call
 
         def _send(self, client: httpx.Client, request: Any) -> _Call:
             context, gen_kwargs = request.args[0], request.args[1]
@@ -252,7 +308,101 @@ def _model_class():
             payload = self._create_payload(self.create_message([context]), generate=True,
                                            gen_kwargs=copy.deepcopy(gen_kwargs), seed=self._seed, eos=None)
             trace_id = secrets.token_hex(16)
-            headers = {**self._fl_headers, "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
+            body, latency_ms = self._post(client, payload, trace_id, request.task_name)
+            try:
+                text = body["choices"][0].get("text")
+            except (KeyError, IndexError, TypeError, AttributeError):
+                raise EvalEndpointError(f"{self.base_url} answered 200 without a completion: "
+                                        f"{json.dumps(body)[:300]!r}") from None
+            usage = body.get("usage") or {}
+            return _Call(text if isinstance(text, str) else "", latency_ms,
+                         int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                         trace_id, str(body.get("model") or ""), _now())
+
+        def _send_likelihood(self, client: httpx.Client,
+                             requests: list[Any]) -> tuple[list[tuple[float, bool]], _Call]:
+            """Score one item's (context, continuation) pairs in one request; [(logprob, is_greedy)]."""
+            task = requests[0].task_name
+            prompts, spans = [], []
+            for request in requests:
+                context, continuation = request.args[0], request.args[1]
+                context_ids, continuation_ids = self._encode_pair(client, context, continuation, task)
+                tokens = (context_ids + continuation_ids)[-self.max_length:]
+                start = len(tokens) - len(continuation_ids)
+                if start < 1:  # the first token has no logprob: nothing to condition on
+                    raise EvalConfigError(f"task {task!r}: a continuation needs a non-empty context")
+                prompts.append(tokens)
+                spans.append((start, len(tokens)))
+            # lm-eval's local-completions likelihood payload (echo, logprobs 1, max_tokens 1, greedy)
+            payload = self._create_payload(prompts, generate=False, seed=self._seed)
+            trace_id = secrets.token_hex(16)
+            body, latency_ms = self._post(client, payload, trace_id, task)
+            try:
+                choices = sorted(body["choices"], key=lambda c: c["index"])
+                scored = [_continuation_logprob(choice["logprobs"], start, end)
+                          for choice, (start, end) in zip(choices, spans, strict=True)]
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+                raise EvalEndpointError(
+                    f"{self.base_url} answered 200 without the echoed prompt logprobs likelihood tasks need "
+                    f"(`echo: true` with `logprobs` on /v1/completions; vLLM has them): "
+                    f"{json.dumps(body)[:300]!r}") from None
+            usage = body.get("usage") or {}
+            best = max(range(len(scored)), key=lambda i: scored[i][0])
+            return scored, _Call(requests[best].args[1], latency_ms, int(usage.get("prompt_tokens") or 0),
+                                 int(usage.get("completion_tokens") or 0), trace_id,
+                                 str(body.get("model") or ""), _now())
+
+        def _encode_pair(self, client: httpx.Client, context: str, continuation: str,
+                         task: str) -> tuple[list[int], list[int]]:
+            """lm-eval's causal `_encode_pair`: trailing spaces of the context go to the continuation;
+            the continuation's tokens are those of context + continuation after the context's."""
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            context_ids = self._tokenize(client, context, task)
+            whole = self._tokenize(client, context + continuation, task)
+            return context_ids, whole[len(context_ids):]
+
+        def _tokenize(self, client: httpx.Client, text: str, task: str) -> list[int]:
+            """Token ids of `text` as the target's replica tokenizes a text prompt (special tokens
+            included, e.g. BOS), from the gateway's /tokenize; a route target (no registry model of
+            that name: 404) is tokenized by its feature's model instead."""
+            cached = self._fl_tokens.get(text)
+            if cached is not None:
+                return cached
+            while True:
+                by_model = self._fl_tokenize_by_model
+                payload: dict[str, Any] = {"prompt": text, "add_special_tokens": True}
+                headers = dict(self._fl_headers)
+                if by_model:
+                    payload["model"] = self.model
+                else:
+                    headers[FEATURE_HEADER] = self.model
+                try:
+                    body, _ = self._post(client, payload, "", task, url=self._fl_tokenize_url, headers=headers)
+                except _NotFound:
+                    if not by_model:
+                        raise EvalEndpointError(f"{self._fl_tokenize_url} knows no model or route "
+                                                f"{self.model!r} to tokenize with") from None
+                    self._fl_tokenize_by_model = False
+                    continue
+                tokens = body.get("tokens") if isinstance(body, dict) else None
+                if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+                    raise EvalEndpointError(f"{self._fl_tokenize_url} answered 200 without token ids: "
+                                            f"{json.dumps(body)[:300]!r}")
+                with self._lock:
+                    self._fl_tokens[text] = tokens
+                return tokens
+
+        def _post(self, client: httpx.Client, payload: dict[str, Any], trace_id: str, task: str, *,
+                  url: str | None = None, headers: dict[str, str] | None = None) -> tuple[Any, float]:
+            """POST with retries (5xx, 429, network errors); (JSON body, latency of the answered try).
+            `trace_id` (if any) goes out as the request's traceparent. Raises EvalEndpointError when
+            the endpoint fails for good (or answers another 4xx), `_NotFound` for a 404 on /tokenize."""
+            url = url or self.base_url
+            headers = dict(headers or self._fl_headers)
+            if trace_id:
+                headers["traceparent"] = f"00-{trace_id}-{secrets.token_hex(8)}-01"
             attempts = max(1, self.max_retries)
             last = ""
             for attempt in range(attempts):
@@ -262,7 +412,7 @@ def _model_class():
                     raise EvalEndpointError("stopped: another request failed")
                 started = time.perf_counter()
                 try:
-                    response = client.post(self.base_url, json=payload, headers=headers)
+                    response = client.post(url, json=payload, headers=headers)
                 except httpx.HTTPError as error:
                     last = f"{type(error).__name__}: {error}"
                     continue
@@ -270,30 +420,43 @@ def _model_class():
                 if response.status_code in RETRY_STATUSES:
                     last = f"HTTP {response.status_code}: {_error_text(response)}"
                     continue
+                if response.status_code == 404 and url == self._fl_tokenize_url:
+                    raise _NotFound(_error_text(response))
                 if response.status_code != 200:
                     raise EvalEndpointError(
-                        f"{self.base_url} answered HTTP {response.status_code} for model {self.model!r}: "
+                        f"{url} answered HTTP {response.status_code} for model {self.model!r}: "
                         f"{_error_text(response)}")
                 try:
-                    body = response.json()
-                    choice = body["choices"][0]
-                    text = choice.get("text")
-                except (ValueError, KeyError, IndexError, TypeError):
-                    raise EvalEndpointError(f"{self.base_url} answered 200 without a completion: "
-                                            f"{response.text[:300]!r}") from None
-                usage = body.get("usage") or {}
-                return _Call(text if isinstance(text, str) else "", latency_ms,
-                             int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
-                             trace_id, str(body.get("model") or ""), _now())
+                    return response.json(), latency_ms
+                except ValueError:
+                    raise EvalEndpointError(f"{url} answered 200 without JSON: {response.text[:300]!r}") from None
             raise EvalEndpointError(
-                f"{self.base_url} failed {attempts} time{'s' if attempts > 1 else ''} for one item of task "
-                f"{request.task_name!r} (model {self.model!r}); last answer: {last}")
+                f"{url} failed {attempts} time{'s' if attempts > 1 else ''} for one item of task "
+                f"{task!r} (model {self.model!r}); last answer: {last}")
 
         def _emit(self, event: ProgressEvent) -> None:
             if self._fl_progress is not None:
                 self._fl_progress(event)
 
     return GatewayCompletions
+
+
+class _NotFound(Exception):
+    """/tokenize answered 404 (no such model)."""
+
+
+def _continuation_logprob(logprobs: dict[str, Any], start: int, end: int) -> tuple[float, bool]:
+    """(sum of the echoed prompt tokens' logprobs in [start, end), whether each was the top token).
+
+    `end` is the prompt's length: what the completion generated after it (max_tokens 1) is ignored."""
+    values = logprobs["token_logprobs"]
+    tops = logprobs.get("top_logprobs") or [None] * len(values)
+    if len(values) < end or any(values[i] is None for i in range(start, end)):
+        raise ValueError("fewer echoed logprobs than prompt tokens")
+    total = float(sum(values[start:end]))
+    greedy = all(not top or values[i] >= max(top.values()) for i, top in
+                 ((i, tops[i]) for i in range(start, end)))
+    return total, greedy
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -341,9 +504,9 @@ def run_eval(
     if limit is not None and limit < 1:
         raise EvalConfigError(f"limit must be at least 1, got {limit}")
     specs = suite.resolve(tasks)
-    unsupported = [f"{s.name} ({s.output_type})" for s in specs if s.output_type != "generate_until"]
+    unsupported = [f"{s.name} ({s.output_type})" for s in specs if s.output_type not in SUPPORTED_OUTPUT_TYPES]
     if unsupported:
-        raise EvalConfigError(f"the runner scores generate_until tasks only; not supported yet: "
+        raise EvalConfigError(f"the runner scores {', '.join(SUPPORTED_OUTPUT_TYPES)} tasks; not supported: "
                               f"{', '.join(unsupported)}")
     suite_hash = suite.suite_hash(specs, limit=limit)
     config_hash = hashlib.sha256(json.dumps({"suite": suite_hash, "target": target}).encode()).hexdigest()
@@ -393,7 +556,7 @@ def run_eval(
         items = _items(spec.name, samples.get(spec.name) or [], lm.calls)
         complete = lm.error is None and len(items) == expected[spec.name]
         task = TaskResult(spec.name, "complete" if complete else "incomplete", expected[spec.name], items)
-        task.metrics = _metrics(aggregates.get(spec.name) or {}, items, complete)
+        task.metrics = _metrics(aggregates.get(spec.name) or {}, items, complete, _primary_metric(spec))
         results[spec.name] = task
         store.items(run_id, items)
     finished = _now()
@@ -422,12 +585,16 @@ def _items(task: str, samples: list[dict[str, Any]], calls: dict[tuple[str, int]
             continue
         doc = sample.get("doc") or {}
         score = _score(sample)
+        target = sample.get("target", "")
+        arguments = sample.get("arguments") or []
+        if isinstance(target, int) and not isinstance(target, bool) and 0 <= target < len(arguments):
+            target = arguments[target][1]  # a likelihood item: the right choice's continuation
         items.append(ItemResult(
             task=task, item_id=str(doc.get("id", sample["doc_id"])), doc_id=int(sample["doc_id"]),
             slice=str(doc.get("slice") or task), score=score, correct=score >= 1.0,
             latency_ms=round(call.latency_ms, 3), input_tokens=call.input_tokens,
             output_tokens=call.output_tokens, trace_id=call.trace_id, response=call.text,
-            target=str(sample.get("target", "")), ts=call.finished_at))
+            target=str(target), ts=call.finished_at))
     return sorted(items, key=lambda i: i.doc_id)
 
 
@@ -442,9 +609,19 @@ def _score(sample: dict[str, Any]) -> float:
     raise EvalError(f"lm-eval sample without a score: keys {sorted(sample)}")
 
 
-def _metrics(aggregate: dict[str, Any], items: list[ItemResult], complete: bool) -> dict[str, float]:
+def _primary_metric(spec: TaskSpec) -> str:
+    """The task's first metric (what `_score` reads per item): exact_match or acc by default."""
+    for entry in spec.config.get("metric_list") or ():
+        if isinstance(entry, dict) and isinstance(entry.get("metric"), str):
+            return entry["metric"]
+    return "exact_match" if spec.output_type == GENERATIVE else "acc"
+
+
+def _metrics(aggregate: dict[str, Any], items: list[ItemResult], complete: bool,
+             primary: str = "exact_match") -> dict[str, float]:
     """lm-eval's aggregates (`exact_match,none` -> `exact_match`) for a complete task; for an
-    incomplete one the mean over the answered items only (lm-eval's would count unanswered as wrong)."""
+    incomplete one the mean over the answered items only (lm-eval's would count unanswered as wrong),
+    named after the task's primary metric (`exact_match`, `acc`)."""
     metrics: dict[str, float] = {}
     if complete:
         for key, value in aggregate.items():
@@ -453,7 +630,7 @@ def _metrics(aggregate: dict[str, Any], items: list[ItemResult], complete: bool)
             name, _, filter_name = key.partition(",")
             metrics[name if filter_name in ("", "none") else f"{name}/{filter_name}"] = float(value)
     elif items:
-        metrics["exact_match"] = sum(i.score for i in items) / len(items)
+        metrics[primary] = sum(i.score for i in items) / len(items)
     if items:
         latencies = sorted(i.latency_ms for i in items)
         metrics["latency_ms_p50"] = statistics.median(latencies)

@@ -121,6 +121,10 @@ class BudgetVerdict:
     increase: float | None
     max_increase: float
     reason: str
+    # From samples (judge_increase_samples): the two-sided CI of the relative increase and n per side.
+    ci_low: float | None = None
+    ci_high: float | None = None
+    samples: tuple[int, int] = (0, 0)
 
 
 class _Estimate(NamedTuple):
@@ -352,6 +356,59 @@ def judge_increase(check: str, baseline: float | None, candidate: float | None,
     reason = (f"{check}: {increase:+.1%} ({baseline:g} -> {candidate:g}), "
               f"{relation} the allowed +{max_increase:.0%}")
     return BudgetVerdict(verdict=verdict, increase=increase, reason=reason, **common)
+
+
+Statistic = Literal["p95", "mean"]
+
+
+def judge_increase_samples(check: str, baseline: Sequence[float], candidate: Sequence[float],
+                           max_increase: float, *, statistic: Statistic = "p95",
+                           confidence: float = DEFAULT_CONFIDENCE, resamples: int = DEFAULT_RESAMPLES,
+                           seed: int = 0) -> BudgetVerdict:
+    """A latency or cost budget judged on per-request samples, with the same logic as quality:
+    fail only when the increase is *significantly* above `max_increase`.
+
+    The statistic (`p95` of latencies, `mean` of per-request costs) of each side is bootstrapped
+    (each side resampled on its own, `resamples` times, deterministic in `seed`); the relative
+    increase's one-sided `confidence` lower bound is compared with `max_increase`. Why not the point
+    comparison of `judge_increase`: on a shared machine two runs of the *same* model differ in p95 by
+    several percent, so a point rule with a +10% budget fails A/A checks by chance; this rule fails
+    an unchanged candidate at most ~(1 - confidence) of the time, and a real +50% still fails.
+    The point estimate (statistic of all samples) is what the report shows. No samples on a side:
+    incomplete.
+    """
+    b, c = np.asarray(baseline, dtype=np.float64), np.asarray(candidate, dtype=np.float64)
+    point = (lambda x: p95(list(x))) if statistic == "p95" else (lambda x: float(x.mean()) if x.size else None)
+    base_value, cand_value = point(b), point(c)
+    verdict = judge_increase(check, base_value, cand_value, max_increase)
+    if verdict.verdict == Verdict.INCOMPLETE:
+        return replace(verdict, samples=(b.size, c.size))
+    rng = np.random.default_rng(seed)
+    ratios = _bootstrap_statistic(c, statistic, resamples, rng) / _bootstrap_statistic(b, statistic, resamples, rng)
+    alpha = 1.0 - confidence
+    low, high, lower_bound = (float(x) - 1.0 for x in np.quantile(ratios, [alpha / 2, 1 - alpha / 2, alpha]))
+    fails = lower_bound > max_increase + _FLOAT_SLACK
+    reason = (f"{check}: {verdict.increase:+.1%} ({base_value:.4g} -> {cand_value:.4g}; {confidence:.0%} CI "
+              f"{low:+.1%} to {high:+.1%}, n {b.size:,}/{c.size:,}), "
+              + (f"significantly above the allowed +{max_increase:.0%}" if fails
+                 else f"not significantly above the allowed +{max_increase:.0%}"))
+    return replace(verdict, verdict=Verdict.FAIL if fails else Verdict.PASS, reason=reason, ci_low=low,
+                   ci_high=high, samples=(b.size, c.size))
+
+
+def _bootstrap_statistic(x: np.ndarray, statistic: Statistic, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """`resamples` values of the statistic on `x` resampled with replacement (p95 as `p95()` takes it)."""
+    rows = max(1, _BLOCK_ENTRIES // x.size)
+    out = np.empty(resamples)
+    for start in range(0, resamples, rows):
+        stop = min(start + rows, resamples)
+        sample = x[rng.integers(0, x.size, size=(stop - start, x.size), dtype=np.int32)]
+        if statistic == "p95":
+            sample.sort(axis=1)
+            out[start:stop] = sample[:, min(x.size - 1, int(0.95 * x.size))]
+        else:
+            out[start:stop] = sample.mean(axis=1)
+    return out
 
 
 def judge_latency_cost(

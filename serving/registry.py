@@ -63,7 +63,8 @@ class GPUSpec(_Strict):
 class ModelSpec(_Strict):
     """One deployable model: a checkpoint at one precision, served under one name."""
 
-    path: str = Field(min_length=1, description="Checkpoint: a Hugging Face id or a local directory.")
+    path: str = Field(min_length=1, description="Checkpoint: a Hugging Face id or a local directory "
+                      "(`./` or `../`: relative to models.yaml).")
     served_name: str | None = Field(
         None, description="Name clients and vLLM use (`--served-model-name`); default: the registry key."
     )
@@ -312,7 +313,18 @@ def _parse_models(text: str, source: str) -> ModelRegistry:
     problems = _check_registry(registry)
     if problems:
         _raise(source, "models", problems)
-    return registry
+    return _resolve_model_paths(registry, Path(source).parent)
+
+
+def _resolve_model_paths(registry: ModelRegistry, base: Path) -> ModelRegistry:
+    """A checkpoint path starting with `./` or `../` is relative to models.yaml (so a committed registry
+    can name checkpoints in the repository); anything else (a Hugging Face id, an absolute path) is kept."""
+    models = {
+        name: spec.model_copy(update={"path": str((base / spec.path).resolve())})
+        if spec.path.startswith(("./", "../")) else spec
+        for name, spec in registry.models.items()
+    }
+    return registry.model_copy(update={"models": models})
 
 
 def load_models(path: str | os.PathLike[str]) -> ModelRegistry:

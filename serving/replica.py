@@ -207,12 +207,16 @@ class ReplicaLauncher:
 
     def stop(self, grace_s: float = 30.0) -> int | None:
         """Deregister first (the gateway stops sending new requests), then SIGTERM the group, which
-        lets vLLM finish what it has in flight; SIGKILL after `grace_s`."""
+        lets vLLM finish what it has in flight; SIGKILL after `grace_s`. A replica stopped while still
+        loading has nothing in flight and vLLM ignores SIGTERM until it is up, so it gets 3 s: whoever
+        stops this launcher (Ctrl-C, `fleetlens up`, the eval gate) must not out-wait it and SIGKILL
+        the launcher first, which would leave vLLM (in its own session) running."""
         if self.registered:
             self.directory.deregister(self.plan.name)
             self.registered = False
         if self.process is None:
             return None
+        grace_s = grace_s if self.ready_at else min(grace_s, 3.0)
         code = stop_group(self.process, grace_s)  # vLLM's engine-core and workers are in the same group
         if self.tracer_provider is not None:
             self.tracer_provider.shutdown()

