@@ -303,6 +303,32 @@ def status() -> None:
     _print_collector_status(settings)
 
 
+@app.command()
+def doctor(
+    serving: Annotated[Optional[bool], typer.Option(
+        "--serving/--no-serving",
+        help="Check as for `fleetlens up --serving` (a missing vLLM fails) / --no-serving "
+             "(default: as `up` decides, serving when a vLLM is installed).")] = None,
+    airflow: Annotated[bool, typer.Option("--airflow/--no-airflow",
+                                          help="Also check what `fleetlens up --airflow` needs (its port).")] = False,
+) -> None:
+    """Check this machine and the settings (Python, venvs, ports, warehouse, disk, memory) and say what
+    to fix; starts nothing. Exit 1 when a check fails, 0 with warnings only."""
+    from .doctor import exit_code, run_checks
+
+    results = run_checks(serving=serving, airflow=airflow)
+    colors = {"ok": "green", "info": "cyan", "warn": "yellow", "fail": "red"}
+    table = Table(title="fleetlens doctor")
+    for column in ("check", "status", "detail", "fix"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        table.add_row(r.check, f"[{colors[r.status]}]{r.status}[/{colors[r.status]}]", r.detail, r.fix)
+    console.print(table)
+    counts = {s: sum(r.status == s for r in results) for s in ("fail", "warn")}
+    console.print(f"{counts['fail']} failed, {counts['warn']} warning(s)")
+    raise typer.Exit(exit_code(results))
+
+
 def _print_collector_status(settings: Settings) -> None:
     """The collector's own counters, read from its /metrics."""
     import httpx

@@ -259,6 +259,29 @@ class AirflowSettings(BaseModel):
     retry_delay_s: float = Field(120.0, ge=0, description="Wait before a retry.")
 
 
+class EvalSettings(BaseModel):
+    """The nightly eval runs (Airflow DAG `fleetlens_nightly_evals`): the suite through the running
+    gateway, each target compared with its previous night by the gate policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gateway_url: str | None = Field(
+        None, description="Gateway the nightly suite goes through; default the gateway on this machine (gateway.port)."
+    )
+    api_key_file: Path | None = Field(
+        None, description="File with the API key the evals use; default <data_dir>/gateway/demo-api-key "
+        "(made by `fleetlens up`). Give the key `feature: eval` in keys.yaml.",
+    )
+    targets: list[str] = Field(
+        default_factory=list,
+        description="Routes (features) or registry models to evaluate nightly; default the features of the gate "
+        "policy's `traffic:`, each on its own tasks.",
+    )
+    policy_file: Path | None = Field(None, description="Gate policy YAML; default the shipped evals/gate.yaml.")
+    limit: int | None = Field(None, ge=1, description="Only the first N items of each task (default: all).")
+    concurrency: int = Field(4, ge=1, le=64, description="Eval requests in flight.")
+
+
 class DashboardSettings(BaseModel):
     """The Streamlit dashboards (`fleetlens dashboards`, started by `fleetlens up`)."""
 
@@ -338,6 +361,7 @@ class Settings(BaseSettings):
     replica: ReplicaSettings = Field(default_factory=ReplicaSettings)
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
     dashboards: DashboardSettings = Field(default_factory=DashboardSettings)
+    evals: EvalSettings = Field(default_factory=EvalSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @field_validator("warehouse_url")
@@ -397,6 +421,15 @@ class Settings(BaseSettings):
     def replicas_path(self) -> Path:
         """Where launched replicas register themselves (the gateway and the scraper watch it)."""
         return self.replica.registry_dir or self.data_dir / "replicas"
+
+    @property
+    def eval_gateway_url(self) -> str:
+        host = self.gateway.host if self.gateway.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        return self.evals.gateway_url or f"http://{host}:{self.gateway.port}"
+
+    @property
+    def eval_api_key_file(self) -> Path:
+        return self.evals.api_key_file or self.data_dir / "gateway" / "demo-api-key"
 
     @property
     def airflow_home(self) -> Path:

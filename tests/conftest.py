@@ -377,3 +377,23 @@ def one_replica_stack(tmp: Path, warehouse: WarehouseProcess, demo_models: Path,
     finally:
         stack.stop()
         collector.stop()
+
+
+@pytest.fixture
+def stub_gateway(tmp_path: Path):
+    """The real gateway in front of the repo's stub upstream (served as demo-large), an eval key whose
+    default feature is `lookup`; yields (base URL, key, stub)."""
+    from fleetlens.serving.keys import generate_key
+    from fleetlens.serving.stub_upstream import StubConfig, StubServer
+
+    stub = StubServer(StubConfig(model="demo-large-served", latency_ms=5)).start()
+    key, digest = generate_key()
+    (tmp_path / "models.yaml").write_text(stub_models_yaml(**{"demo-large": [stub.url]}))
+    (tmp_path / "routes.yaml").write_text(
+        "default: lookup\nfeatures:\n  lookup:\n    model: demo-large\n    timeout_s: 10\n")
+    (tmp_path / "keys.yaml").write_text(f"- {{id: eval-1, customer: fleetlens, hash: '{digest}', feature: lookup}}\n")
+    try:
+        with gateway_process(tmp_path, f"http://127.0.0.1:{free_port()}") as base:
+            yield base, key, stub
+    finally:
+        stub.stop()

@@ -89,7 +89,7 @@ def test_dagbag_loads_the_three_dags_fast_and_without_errors(airflow_base):
     assert "source_freshness" in hourly
     assert {f"dbt_build.{m}_model_build" for m in dbt_nodes("model", materialized=True)} <= hourly
     assert {f"dbt_build.{s}_seed_build" for s in dbt_nodes("seed")} <= hourly
-    assert bag["dags"]["fleetlens_nightly_evals"] == ["run_evals"]
+    assert bag["dags"]["fleetlens_nightly_evals"] == ["plan", "run_evals"]
     assert bag["dags"]["fleetlens_retention"] == ["enforce", "plan"]
     assert bag["schedules"]["fleetlens_hourly"] == "CronDataIntervalTimetable"  # a one-hour data interval
     assert not any(bag["catchup"].values())
@@ -337,3 +337,63 @@ def test_failure_alert_never_raises_and_scrubs_secrets():
     assert payload == {"dag_id": "d", "task_id": "t", "run_id": "manual__1", "logical_date": NOW.isoformat(),
                        "try_number": 2, "error": "RuntimeError: auth failed for default:***@db"}
     assert send_alert(payload, "http://127.0.0.1:9/unreachable", timeout_s=1.0) is False  # logged, not raised
+
+
+NIGHTLY_POLICY = """# the shipped rule with a floor the test's 20 items meet
+min_items: 10
+bootstrap_resamples: 2000
+traffic:
+  lookup: [lookup_hard]
+"""
+
+
+def _nightly_runs(client, database: str) -> list[tuple[str, str]]:
+    return client.query(f"SELECT run_id, status FROM {database}.eval_runs FINAL ORDER BY started_at").result_rows
+
+
+@pytest.mark.slow
+def test_nightly_evals_compare_each_target_with_its_previous_run_and_alert_on_a_drop(
+        airflow_base, warehouse, stub_gateway, tmp_path: Path):
+    base, key, _stub = stub_gateway  # the real gateway before the stub upstream (it echoes: every answer is wrong)
+    url = migrated_database(warehouse, "af_nightly")
+    client = warehouse.client()
+    (tmp_path / "eval.key").write_text(key + "\n")
+    (tmp_path / "gate.yaml").write_text(NIGHTLY_POLICY)
+    env = {**airflow_base, "FLEETLENS_WAREHOUSE_URL": url, "FLEETLENS_EVALS__GATEWAY_URL": base,
+           "FLEETLENS_EVALS__API_KEY_FILE": str(tmp_path / "eval.key"),
+           "FLEETLENS_EVALS__POLICY_FILE": str(tmp_path / "gate.yaml"), "FLEETLENS_EVALS__LIMIT": "20"}
+
+    # night 1: nothing to compare with; night 2: the same answers -> pass, decision stored
+    for night in (1, 2):
+        run, output = drive(env, "test", str(DAGS_FOLDER), "fleetlens_nightly_evals", NOW.isoformat())
+        assert run["state"] == "success", output[-6000:]
+        assert run["tasks"] == {"plan": "success", "run_evals[0]": "success"}
+    (first, _), (second, _) = _nightly_runs(client, "af_nightly")
+    decisions = client.query("SELECT verdict, baseline_ref, candidate_ref FROM af_nightly.gate_decisions").result_rows
+    assert decisions == [("pass", f"nightly {first}", f"nightly {second}")]
+
+    # a previous night that answered every item right: tonight's 0% is a significant drop -> fail + alert
+    (config_hash, target, route), = client.query(
+        "SELECT config_hash, target, route FROM af_nightly.eval_runs FINAL WHERE run_id = {r:String}",
+        parameters={"r": second}).result_rows
+    items = client.query("SELECT task, item_id, slice FROM af_nightly.eval_items FINAL WHERE run_id = {r:String}",
+                         parameters={"r": second}).result_rows
+    moment = datetime.now(timezone.utc)
+    client.insert("af_nightly.eval_runs", [["good-night", moment, moment, target, "demo-large", "", route,
+                                            "lookup_hard", "complete", len(items), {"exact_match": 1.0}, config_hash,
+                                            "", 0, {}, moment]],
+                  column_names=["run_id", "started_at", "finished_at", "target", "model", "variant", "route", "task",
+                                "status", "n_items", "metrics", "config_hash", "git_sha", "seed", "params",
+                                "updated_at"])
+    client.insert("af_nightly.eval_items", [["good-night", task, item, moment, slice_, 1.0, 1, 10.0, 4, 4, ""]
+                                            for task, item, slice_ in items],
+                  column_names=["run_id", "task", "item_id", "ts", "slice", "score", "correct", "latency_ms",
+                                "input_tokens", "output_tokens", "trace_id"])
+    with WebhookReceiver() as webhook:
+        run, output = drive({**env, "FLEETLENS_AIRFLOW__ALERT_WEBHOOK_URL": webhook.url},
+                            "test", str(DAGS_FOLDER), "fleetlens_nightly_evals", NOW.isoformat())
+    assert run["state"] == "failed" and run["tasks"]["run_evals[0]"] == "failed", run
+    assert len(webhook.bodies) == 1 and webhook.bodies[0]["task_id"] == "run_evals"
+    assert "quality dropped since run good-night" in webhook.bodies[0]["error"]
+    verdicts = client.query("SELECT verdict, baseline_ref FROM af_nightly.gate_decisions ORDER BY decided_at").result_rows
+    assert verdicts[-1] == ("fail", "nightly good-night")

@@ -30,18 +30,14 @@ import yaml
 from conftest import (
     WarehouseProcess,
     child_env,
-    gateway_process,
     migrated_database,
     one_replica_stack,
-    stub_models_yaml,
     wait_for,
 )
 from fleetlens import semconv as sc
 from fleetlens.evals import demo_data
 from fleetlens.evals.runner import run_eval, git_sha
 from fleetlens.evals.suite import DATA_DIR, DEFAULT_SUITE, TASKS_DIR, EvalConfigError, Suite
-from fleetlens.net import free_port
-from fleetlens.serving.keys import generate_key
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -223,25 +219,6 @@ def _items(client, database: str, run_id: str) -> list[dict]:
         f"SELECT task, item_id, slice, score, correct, latency_ms, output_tokens, trace_id "
         f"FROM {database}.eval_items FINAL WHERE run_id = {{r:String}} ORDER BY task, item_id",
         parameters={"r": run_id}).named_results())
-
-
-@pytest.fixture
-def stub_gateway(tmp_path: Path):
-    """The real gateway in front of the repo's stub upstream (served as demo-large), an eval key whose
-    default feature is `lookup`; yields (base URL, key, stub)."""
-    from fleetlens.serving.stub_upstream import StubConfig, StubServer
-
-    stub = StubServer(StubConfig(model="demo-large-served", latency_ms=5)).start()
-    key, digest = generate_key()
-    (tmp_path / "models.yaml").write_text(stub_models_yaml(**{"demo-large": [stub.url]}))
-    (tmp_path / "routes.yaml").write_text(
-        "default: lookup\nfeatures:\n  lookup:\n    model: demo-large\n    timeout_s: 10\n")
-    (tmp_path / "keys.yaml").write_text(f"- {{id: eval-1, customer: fleetlens, hash: '{digest}', feature: lookup}}\n")
-    try:
-        with gateway_process(tmp_path, f"http://127.0.0.1:{free_port()}") as base:
-            yield base, key, stub
-    finally:
-        stub.stop()
 
 
 @pytest.mark.slow
