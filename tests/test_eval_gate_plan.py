@@ -235,3 +235,23 @@ def test_budgets_are_judged_against_both_bracketing_baseline_runs() -> None:
     budgets = {b.verdict.check: b for b in judge_budgets([unit], load_policy(), require_cost=True)}
     assert budgets["cost_per_request"].verdict.verdict == Verdict.INCOMPLETE and budgets["cost_per_request"].counted
     assert "is the collector running?" in budgets["cost_per_request"].verdict.reason
+
+
+def test_a_budget_fails_only_when_a_second_round_confirms_it() -> None:
+    from dataclasses import replace as copy
+
+    from fleetlens.evals.gate import GateBudget, confirm_budgets
+    from fleetlens.evals.stats import judge_increase
+
+    def budget(increase: float) -> GateBudget:
+        verdict = judge_increase("p95_latency_ms", 100.0, 100.0 * (1 + increase), 0.10)
+        return GateBudget("p95 latency, ms", copy(verdict, ci_low=increase - 0.05, ci_high=increase + 0.05),
+                          counted=True)
+
+    burst = confirm_budgets([budget(0.38)], [budget(0.02)])[0]  # a burst in one round: not confirmed
+    assert burst.verdict.verdict == Verdict.PASS and burst.counted
+    assert burst.note.startswith("first round +38.0% (fail), not confirmed by a second round (+2.0%)")
+    real = confirm_budgets([budget(0.50)], [budget(0.45)])[0]  # a real regression fails again
+    assert real.verdict.verdict == Verdict.FAIL and "confirmed by a second round" in real.verdict.reason
+    fine = budget(0.01)
+    assert confirm_budgets([fine], [budget(0.60)]) == [fine]  # a pass is never re-judged
