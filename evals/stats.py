@@ -251,15 +251,7 @@ def _bootstrap(d: np.ndarray, confidence: float, resamples: int, seed: int) -> _
 
 def _bootstrap_means(d: np.ndarray, resamples: int, seed: int) -> np.ndarray:
     """`resamples` means of `d` resampled with replacement; vectorized in blocks, deterministic in `seed`."""
-    rng = np.random.default_rng(seed)
-    n = d.size
-    rows = max(1, _BLOCK_ENTRIES // n)
-    means = np.empty(resamples)
-    for start in range(0, resamples, rows):
-        stop = min(start + rows, resamples)
-        index = rng.integers(0, n, size=(stop - start, n), dtype=np.int32)
-        means[start:stop] = d[index].mean(axis=1)
-    return means
+    return _bootstrap_statistic(d, "mean", resamples, np.random.default_rng(seed))
 
 
 def _mcnemar(b: np.ndarray, c: np.ndarray, confidence: float) -> _Estimate:
@@ -397,7 +389,8 @@ def judge_increase_samples(check: str, baseline: Sequence[float], candidate: Seq
 
 
 def _bootstrap_statistic(x: np.ndarray, statistic: Statistic, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """`resamples` values of the statistic on `x` resampled with replacement (p95 as `p95()` takes it)."""
+    """`resamples` values of the statistic on `x` resampled with replacement (p95 as `p95()` takes it),
+    in blocks of about `_BLOCK_ENTRIES` indices, so memory stays flat for large suites."""
     rows = max(1, _BLOCK_ENTRIES // x.size)
     out = np.empty(resamples)
     for start in range(0, resamples, rows):
