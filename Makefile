@@ -1,7 +1,7 @@
-# The two entry points the README names. Both set up .venv/ first (idempotent).
-#   test also sets up .venv-serving/ (vLLM CPU build, for the tests that run real replicas) and the
-#   Debian packages the tests start themselves (scripts/setup-test-deps).
-.PHONY: quickstart test venv serving-venv test-deps
+# The two entry points the README names, demo and test. Both set up .venv/ and .venv-serving/ (the vLLM
+# CPU build) first (idempotent); test also installs the Debian packages the tests start themselves
+# (scripts/setup-test-deps). quickstart is the light stack: warehouse, collector, dashboards.
+.PHONY: demo quickstart test venv serving-venv test-deps
 
 venv:
 	./scripts/setup-venv
@@ -11,6 +11,9 @@ serving-venv:
 
 test-deps:
 	./scripts/setup-test-deps
+
+demo: venv serving-venv
+	.venv/bin/fleetlens demo
 
 quickstart: venv
 	.venv/bin/fleetlens up

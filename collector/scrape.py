@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -277,8 +278,10 @@ class MetricsScraper:
     """
 
     def __init__(self, targets: list[ScrapeTarget], writer: Writer, *, interval_s: float, timeout_s: float,
-                 stats: ScrapeStats | None = None, client: httpx.AsyncClient | None = None) -> None:
+                 stats: ScrapeStats | None = None, client: httpx.AsyncClient | None = None,
+                 discover: Callable[[], list[ScrapeTarget]] | None = None) -> None:
         self.targets = list(targets)
+        self.discover = discover  # more targets, looked up again every tick (registered replicas)
         self.writer = writer
         self.interval_s = interval_s
         self.timeout_s = timeout_s
@@ -290,7 +293,8 @@ class MetricsScraper:
         now = now or datetime.now(UTC)
         client = self._client or httpx.AsyncClient()
         try:
-            results = await asyncio.gather(*(scrape_target(client, t, self.timeout_s, now) for t in self.targets))
+            targets = await asyncio.to_thread(self.current_targets) if self.discover else self.targets
+            results = await asyncio.gather(*(scrape_target(client, t, self.timeout_s, now) for t in targets))
         finally:
             if client is not self._client:
                 await client.aclose()
@@ -304,12 +308,25 @@ class MetricsScraper:
         await asyncio.to_thread(self.writer, rows)
         return rows
 
+    def current_targets(self) -> list[ScrapeTarget]:
+        """The configured targets, then the discovered ones not already configured (by replica name)."""
+        targets = list(self.targets)
+        if self.discover is not None:
+            try:
+                found = self.discover()
+            except OSError as error:  # an unreadable directory: scrape what is configured, say why
+                log.warning("could not look up registered replicas: %s", error)
+                found = []
+            named = {t.replica for t in targets}
+            targets += [t for t in found if t.replica not in named]
+        return targets
+
     async def run(self) -> None:
         """Scrape until cancelled."""
         owns_client = self._client is None
         if owns_client:
             # One pooled client for the loop's lifetime: keep-alive connections to every replica.
-            self._client = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=len(self.targets) or 1))
+            self._client = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=max(len(self.targets), 8)))
         loop = asyncio.get_running_loop()
         start = loop.time()
         tick = 0
@@ -360,6 +377,20 @@ def build_scraper(settings: Settings, *, max_buffered_rows: int = DEFAULT_MAX_BU
     stats = ScrapeStats()
     writer = WarehouseWriter(settings.warehouse, stats=stats, max_buffered_rows=max_buffered_rows,
                              timeout_s=max(config.scrape_timeout_s, 5.0))
+    discover = registered_targets(settings.replicas_path) if config.scrape_registered else None
     return MetricsScraper(config.scrape_targets, writer, interval_s=config.scrape_interval_s,
-                          timeout_s=config.scrape_timeout_s, stats=stats)
+                          timeout_s=config.scrape_timeout_s, stats=stats, discover=discover)
+
+
+def registered_targets(directory: Path) -> Callable[[], list[ScrapeTarget]]:
+    """A lookup of the replicas registered in `directory` right now (launchers write one record per
+    ready replica and remove it when they stop), as scrape targets named like the replicas."""
+    from fleetlens.serving.registration import ReplicaDirectory
+
+    replicas = ReplicaDirectory(directory)
+
+    def discover() -> list[ScrapeTarget]:
+        return [ScrapeTarget(replica=r.name, url=r.url, model=r.model) for r in replicas.records()]
+
+    return discover
 

@@ -113,7 +113,7 @@ class Collector:
             log.warning("collector stopped; %d spool bytes kept for the next start", self.spool.size_bytes)
 
     def _make_scraper(self) -> Any:
-        if not self.config.scrape_targets:
+        if not self.config.scrape_targets and not self.config.scrape_registered:
             return None
         from .scrape import build_scraper
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from fleetlens.net import client_host
+
 APP = Path(__file__).with_name("app.py")
 
 
@@ -23,8 +25,7 @@ def streamlit_argv(host: str, port: int) -> list[str]:
 
 
 def health_url(host: str, port: int) -> str:
-    client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return f"http://{client_host}:{port}/_stcore/health"
+    return f"http://{client_host(host)}:{port}/_stcore/health"
 
 
 def app_url(host: str, port: int) -> str:

@@ -3,7 +3,6 @@ the freshness line and the empty state, and how numbers are written (units and c
 
 from __future__ import annotations
 
-import math
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Callable
 
@@ -13,6 +12,7 @@ from fleetlens.config import ConfigError, load_settings
 
 from . import queries
 from .filters import DIMENSIONS, Filters
+from .formatting import count, daily_axis, ms, pct, usd  # noqa: F401 - the pages write ui.usd(...)
 from .warehouse import DashboardWarehouse, Freshness
 
 #: Seconds a query result is reused across reruns and sessions (the marts change once an hour).
@@ -137,37 +137,3 @@ def sidebar_filters(options: dict[str, list]) -> Filters:
     return Filters(start=start, end=end, **chosen)
 
 
-# ------------------------------------------------------------------------------------- formatting
-
-def usd(value: float | None, digits: int | None = None) -> str:
-    """Dollars with cents; small unit costs keep 3 significant digits ($0.000123)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    value = float(value)
-    if digits is None:
-        digits = 2 if abs(value) >= 1 or value == 0 else max(2, 2 - int(math.floor(math.log10(abs(value)))))
-    sign = "-" if value < 0 else ""
-    return f"{sign}${abs(value):,.{digits}f}"
-
-
-def pct(value: float | None, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{float(value) * 100:.{digits}f}%"
-
-
-def ms(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    value = float(value)
-    return f"{value / 1000:,.2f} s" if value >= 10_000 else f"{value:,.1f} ms"
-
-
-def count(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    value = float(value)
-    for suffix, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:,.2f}{suffix}"
-    return f"{value:,.0f}"

@@ -245,27 +245,14 @@ def gate_command(
     not start, warehouse unusable). The report goes to stdout, --report-out and $GITHUB_STEP_SUMMARY."""
     from fleetlens.config import ConfigError, load_settings
 
-    from .gate import GateError, default_work_dir, run_gate, store_gate
-    from .gate_plan import plan_gate
-    from .policy import load_policy
-    from .refs import load_fleet_config
+    from .gate import GateError, default_work_dir, prepare_gate, run_gate, store_gate
     from .stats import Verdict
-    from .suite import EvalConfigError
 
     try:
         settings = load_settings()
-        gate_policy = load_policy(policy)
-        paths = dict(models_path=models_path or settings.gateway.models_file,
-                     routes_path=routes_path or settings.gateway.routes_file)
-        sides = load_fleet_config(baseline, **paths), load_fleet_config(candidate, **paths)
-        suite = _suite(None, None)
-        names = [s.name for s in suite.resolve(tasks or suite.names())]
-        unknown = sorted({t for ts in gate_policy.traffic.values() for t in ts} - set(suite.names()))
-        if unknown:
-            raise EvalConfigError(f"gate policy: traffic names unknown task(s) {', '.join(unknown)} "
-                                  f"(known: {', '.join(suite.names())})")
-        traffic = {f: [t for t in ts if t in names] for f, ts in gate_policy.traffic.items()}
-        plan = plan_gate(*sides, traffic=traffic, suite_tasks=names, evaluate=evaluate or ())
+        sides, plan, gate_policy = prepare_gate(baseline, candidate, settings, models_path=models_path,
+                                                routes_path=routes_path, tasks=tasks, policy=policy,
+                                                evaluate=evaluate or ())
     except ConfigError as error:
         err_console.print(f"[red]{error}[/red]")
         raise typer.Exit(EXIT_ERROR) from None

@@ -31,8 +31,9 @@ import httpx
 import yaml
 
 from fleetlens.config import Settings
+from fleetlens.launch import REPLICA_STOP_GRACE_S
 from fleetlens.net import free_port, wait_http
-from fleetlens.stack import Child, fleetlens_argv
+from fleetlens.stack import Child, Stack, fleetlens_argv
 
 from . import stats
 from .compare import (
@@ -121,6 +122,31 @@ class GateResult:
                            "why": u.unit.why, **u.decision.details()} for u in self.units]}
 
 
+def prepare_gate(baseline: str, candidate: str, settings: Settings, *, models_path: Path | None = None,
+                 routes_path: Path | None = None, tasks: str | None = None, policy: Path | None = None,
+                 evaluate: Sequence[str] = ()) -> tuple[tuple[FleetConfig, FleetConfig], GatePlan, GatePolicy]:
+    """Both sides read and validated, the plan (what changed, what to evaluate on which tasks) and the
+    policy: everything `run_gate` needs. Raises ConfigError (an EvalConfigError for the suite) naming
+    the bad reference, file or key."""
+    from .gate_plan import plan_gate
+    from .policy import load_policy
+    from .refs import load_fleet_config
+    from .suite import DEFAULT_SUITE, EvalConfigError
+
+    gate_policy = load_policy(policy)
+    paths = dict(models_path=models_path or settings.gateway.models_file,
+                 routes_path=routes_path or settings.gateway.routes_file)
+    sides = load_fleet_config(baseline, **paths), load_fleet_config(candidate, **paths)
+    suite = DEFAULT_SUITE
+    names = [s.name for s in suite.resolve(tasks or suite.names())]
+    unknown = sorted({t for ts in gate_policy.traffic.values() for t in ts} - set(suite.names()))
+    if unknown:
+        raise EvalConfigError(f"gate policy: traffic names unknown task(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(suite.names())})")
+    traffic = {f: [t for t in ts if t in names] for f, ts in gate_policy.traffic.items()}
+    return sides, plan_gate(*sides, traffic=traffic, suite_tasks=names, evaluate=evaluate), gate_policy
+
+
 # --------------------------------------------------------------------------- the fleet of both sides
 
 
@@ -144,8 +170,7 @@ class GateFleet:
         self.startup_s = time.monotonic() - started
 
     def stop(self) -> None:
-        for child in reversed(self.children):
-            child.stop(grace_s=45)  # longer than a replica launcher's own 30 s for its vLLM
+        Stack(list(self.children)).stop()  # gateways, then replicas; each child waits out its own grace
 
     def _env(self, **overrides: str) -> dict[str, str]:
         return {"FLEETLENS_DATA_DIR": str(self.work_dir), **overrides}
@@ -171,7 +196,7 @@ class GateFleet:
             models_file, _ = self.sides[side].config.write(self.work_dir / "config" / side)
             child = Child(f"replica {name}", fleetlens_argv("serve", "replica", "--model", model, "--name", name,
                                                             "--models", str(models_file)),
-                          self.work_dir / "logs" / f"launcher-{name}.log")
+                          self.work_dir / "logs" / f"launcher-{name}.log", grace_s=REPLICA_STOP_GRACE_S)
             child.start(self._env(FLEETLENS_REPLICA__REGISTRY_DIR=str(registry_dir)))
             self.children.append(child)
             launches[name] = (child, users, spec.gpu.count * spec.gpu.hourly_usd)
@@ -384,7 +409,8 @@ def _run_sides(unit: EvalUnit, fleet: GateFleet, *, seed: int, limit: int | None
         argv += ["--limit", str(limit)] if limit else []
         argv += ["--route", unit.target] if unit.kind == "route" else []
         argv += ["--no-store"] if name == BRACKET or round_ > 1 else []  # a confirmation round only measures
-        child = Child(f"eval {name}", argv, fleet.work_dir / "logs" / f"eval-{unit.target}-{name}-{round_}.log")
+        child = Child(f"eval {name}", argv, fleet.work_dir / "logs" / f"eval-{unit.target}-{name}-{round_}.log",
+                      grace_s=10)
         started = time.monotonic()
         on_status(f"{unit.title} on the {side_name}{' again' if name == BRACKET else ''} ({', '.join(unit.tasks)})")
         child.start()
@@ -392,7 +418,7 @@ def _run_sides(unit: EvalUnit, fleet: GateFleet, *, seed: int, limit: int | None
             while child.alive:
                 time.sleep(0.3)
         finally:
-            child.stop(grace_s=10)
+            child.stop()
         runs[name] = SideRun.read(out, child.log_path)
         on_status(f"{unit.title}: {name} run {runs[name].status} in {time.monotonic() - started:.0f} s")
     return runs

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
@@ -17,7 +16,7 @@ from rich.table import Table
 from .config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
-    from .stack import Stack
+    from .launch import ServingSetup
 
 app = typer.Typer(help="FleetLens: cost, latency and eval-gating for self-hosted LLM fleets.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -136,6 +135,7 @@ def serve_replica(
 
     settings = _settings()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per health or metrics poll
     try:
         registry = load_models(models or settings.gateway.models_file)
         directory = ReplicaDirectory(settings.replicas_path)
@@ -146,13 +146,10 @@ def serve_replica(
         raise typer.Exit(2) from None
     endpoint = settings.gateway.otlp_endpoint or f"http://127.0.0.1:{settings.collector.http_port}"
     provider, _ = tracer_provider(otlp_exporter(endpoint), service_name=REPLICA_SERVICE)
-    launcher = ReplicaLauncher(plan, directory, settings.data_dir / "logs" / f"replica-{plan.name}.log", provider)
+    launcher = ReplicaLauncher(plan, directory, settings.data_dir / "logs" / f"replica-{plan.name}.log", provider,
+                               drain_timeout_s=settings.replica.drain_timeout_s)
 
-    def stop(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    handle_stop_signals()
     code = 1
     try:
         launcher.start()
@@ -210,10 +207,11 @@ def load(
 def migrate() -> None:
     """Create or upgrade the FleetLens tables in the warehouse (idempotent)."""
     settings = _settings()
-    _migrate(settings)
+    migrate_schema(settings)
 
 
-def _migrate(settings: Settings) -> None:
+def migrate_schema(settings: Settings) -> None:
+    """Create or upgrade the tables, with a progress bar; exit 1 when the warehouse refuses."""
     from .schema import RenderOptions, load_migrations
     from .schema import migrate as run_migrations
     from .schema.migrate import MigrationError
@@ -334,7 +332,9 @@ def _print_collector_status(settings: Settings) -> None:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    url = f"http://{_client_host(settings.collector.host)}:{settings.collector.http_port}"
+    from .net import client_host
+
+    url = f"http://{client_host(settings.collector.host)}:{settings.collector.http_port}"
     try:
         text = httpx.get(url + "/metrics", timeout=2.0).text
     except httpx.HTTPError:
@@ -380,69 +380,122 @@ def up(
 ) -> None:
     """Start the embedded stack in the foreground (warehouse, schema, collector, dashboards; gateway and
     vLLM replicas of the demo models when vLLM is there; Airflow with --airflow); Ctrl-C stops everything."""
-    from .net import wait_http
-    from .stack import Child, Stack, fleetlens_argv
-    from .warehouse.client import WarehouseUnavailable, wait_until_ready
+    from . import launch
+    from .stack import Stack
 
     overrides = {"warehouse_server": {"port": port}} if port else {}
     settings = _settings(**overrides)
     stack = Stack()
-    logs = settings.data_dir / "logs"
-
-    def stop(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    # Explicit handlers: a process started in the background by a script inherits SIGINT *ignored*.
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    handle_stop_signals()
     try:
-        if settings.uses_embedded_warehouse:
-            argv = fleetlens_argv("warehouse", "serve", "--port", str(settings.warehouse_server.port),
-                                  "--path", str(settings.warehouse_path))
-            with console.status("starting the embedded warehouse..."):
-                child = stack.add(Child("warehouse", argv, logs / "warehouse.log", url=settings.warehouse.redacted()))
-                try:
-                    wait_until_ready(settings.warehouse, timeout_s=60, alive=lambda: child.alive)
-                except WarehouseUnavailable as error:
-                    err_console.print(f"[red]{error}; see {child.log_path}[/red]")
-                    raise typer.Exit(1) from None
-        _migrate(settings)
-        collector = settings.collector
-        with console.status("starting the collector..."):
-            child = stack.add(Child("collector", fleetlens_argv("collector"), logs / "collector.log"),
-                              env=_child_env(settings))
-            if not wait_http(f"http://{_client_host(collector.host)}:{collector.http_port}/health", 60.0,
-                             alive=lambda: child.alive):
-                err_console.print(f"[red]the collector did not start; see {child.log_path}[/red]")
-                raise typer.Exit(1)
         summary = Table(title="FleetLens is up")
-        summary.add_column("component")
-        summary.add_column("url")
-        summary.add_column("logs")
-        summary.add_row("warehouse", settings.warehouse.redacted(),
-                        str(logs / "warehouse.log") if settings.uses_embedded_warehouse else "(external)")
-        host = _client_host(collector.host)
-        grpc = f"grpc://{host}:{collector.grpc_port}, " if collector.grpc_port else ""
-        summary.add_row("collector (OTLP)", f"{grpc}http://{host}:{collector.http_port}/v1/traces",
-                        str(logs / "collector.log"))
-        from .serving.up import engine_available
+        for column in ("component", "url", "logs"):
+            summary.add_column(column)
+        try:
+            with console.status("starting the embedded warehouse..."):
+                rows = launch.start_warehouse(stack, settings)
+            migrate_schema(settings)
+            with console.status("starting the collector..."):
+                rows += launch.start_collector(stack, settings)
+            from .serving.up import engine_available
 
-        if serving or (serving is None and engine_available(settings)):
-            for row in _up_serving(stack, settings, logs):
-                summary.add_row(*row)
-        if airflow:
-            summary.add_row(*_up_airflow(stack, settings, logs))
-        if dashboards:
-            summary.add_row(*_up_dashboards(stack, settings, logs))
+            if serving or (serving is None and engine_available(settings)):
+                setup = _demo_serving(settings)
+                with console.status("starting the gateway and the replicas...") as status:
+                    rows += launch.start_serving(stack, settings, setup, on_wait=status.update)
+            if airflow:
+                with console.status("starting Airflow (API server, scheduler, dag-processor; ~20 s)..."):
+                    rows += launch.start_airflow(stack, settings)
+            if dashboards:
+                with console.status("starting the dashboards..."):
+                    rows += launch.start_dashboards(stack, settings)
+        except launch.LaunchError as error:
+            err_console.print(f"[red]{error}[/red]")
+            raise typer.Exit(1) from None
+        for row in rows:
+            summary.add_row(*row)
         console.print(summary)
         console.print("Press Ctrl-C to stop.")
-        if stack.children:
-            stack.wait(lambda c: err_console.print(f"[red]{c.name} exited; see {c.log_path}[/red]"))
-            raise typer.Exit(1)
+        stack.wait(lambda c: err_console.print(f"[red]{c.name} exited; see {c.log_path}[/red]"))
+        raise typer.Exit(1)
     except KeyboardInterrupt:
         console.print("stopping...")
     finally:
         stack.stop()
+
+
+@app.command()
+def demo(
+    minutes: Annotated[float, typer.Option(min=0.1, help="Minutes of traffic through the gateway.")] = 3.0,
+    rate: Annotated[Optional[float], typer.Option(min=0.01, help="Requests/s (default: the demo traffic's, 4).")]
+    = None,
+    gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Run the eval gate on the demo's int8 change.")] = True,
+    screenshot: Annotated[bool, typer.Option(
+        "--screenshot/--no-screenshot", help="Save a headless-Chromium PNG of the overview (when Chromium is there).")]
+    = True,
+    stay: Annotated[bool, typer.Option(
+        "--stay/--no-stay", help="Keep the stack up after the summary until Ctrl-C (--no-stay: stop and exit).")]
+    = True,
+    json_out: Annotated[Optional[Path], typer.Option(help="Also write the outcome (figures, timings) as JSON.")]
+    = None,
+) -> None:
+    """The whole fleet end to end, from a checkout: demo models, warehouse, collector, gateway + two vLLM
+    replicas, Airflow, dashboards; minutes of load; the marts built by Airflow; one eval gate; a
+    screenshot and a summary. Ctrl-C stops every process it started. `make demo` sets up the venvs first."""
+    from .demo import Demo, DemoError, DemoOptions, render_summary
+    from .launch import LaunchError
+
+    settings = _settings()
+    options = DemoOptions(minutes=minutes, rate=rate, gate=gate, screenshot=screenshot, json_out=json_out)
+    runner = Demo(settings, options, console)
+    handle_stop_signals()
+    try:
+        try:
+            outcome = runner.run()
+        except (DemoError, LaunchError, ConfigError) as error:
+            err_console.print(f"[red]{error}[/red]")
+            raise typer.Exit(1) from None
+        render_summary(outcome, console)
+        if stay:
+            console.print("The stack stays up: open the URLs above. Press Ctrl-C to stop everything.")
+            runner.stack.wait(lambda c: err_console.print(f"[red]{c.name} exited; see {c.log_path}[/red]"))
+            raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopping (replicas finish what they have in flight first)...")
+    finally:
+        runner.stack.stop()
+        console.print("stopped")
+
+
+def handle_stop_signals() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt, so `finally` stops every child. Explicit handlers:
+    a process started in the background by a script inherits SIGINT *ignored*."""
+    def stop(*_: object) -> None:
+        # Once: a second Ctrl-C must not interrupt the stopping itself and leave children behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def _demo_serving(settings: Settings) -> "ServingSetup":
+    """`fleetlens up`'s fleet: the demo models (cached), the demo routes, a demo key."""
+    from .launch import ServingSetup
+    from .serving.demo_models import DemoBuildError, make_demo
+    from .serving.up import DEMO_REPLICAS, prepare_files
+
+    console.print("demo models: training (first run only, a few minutes) or reusing the cached build")
+    try:
+        with _demo_bar() as bar:
+            built = make_demo(settings.data_dir / "models" / "demo", progress=_demo_progress(bar))
+    except DemoBuildError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+    files = prepare_files(settings, built.models_yaml)
+    return ServingSetup(env=files.env(), replicas={f"{model}-0": model for model in DEMO_REPLICAS},
+                        key_hint=str(settings.data_dir / "gateway" / "demo-api-key"))
 
 
 @models_app.command("make-demo")
@@ -493,81 +546,6 @@ def _demo_bar() -> Progress:
                     TextColumn("{task.fields[info]}"), console=console, transient=True)
 
 
-def _up_serving(stack: "Stack", settings: Settings, logs: Path) -> list[tuple[str, str, str]]:
-    """Demo models (cached), the gateway, and one replica per demo model; returns summary rows."""
-    from .net import wait_http
-    from .serving.demo_models import DemoBuildError, make_demo
-    from .serving.registration import ReplicaDirectory, wait_registered
-    from .serving.up import DEMO_REPLICAS, prepare_files
-    from .stack import Child, fleetlens_argv
-
-    console.print("demo models: training (first run only, a few minutes) or reusing the cached build")
-    try:
-        with _demo_bar() as bar:
-            built = make_demo(settings.data_dir / "models" / "demo", progress=_demo_progress(bar))
-    except DemoBuildError as error:
-        err_console.print(f"[red]{error}[/red]")
-        raise typer.Exit(1) from None
-    files = prepare_files(settings, built.models_yaml)
-    env = {**_child_env(settings), **files.env(),
-           "FLEETLENS_GATEWAY__OTLP_ENDPOINT": f"http://127.0.0.1:{settings.collector.http_port}"}
-    gateway = settings.gateway
-    base = f"http://{_client_host(gateway.host)}:{gateway.port}"
-    with console.status("starting the gateway..."):
-        child = stack.add(Child("gateway", fleetlens_argv("gateway"), logs / "gateway.log"), env=env)
-        if not wait_http(base + "/health", 60.0, alive=lambda: child.alive):
-            err_console.print(f"[red]the gateway did not start; see {child.log_path}[/red]")
-            raise typer.Exit(1)
-    names = {f"{model}-0": model for model in DEMO_REPLICAS}
-    for name, model in names.items():
-        stack.add(Child(f"replica {name}", fleetlens_argv("serve", "replica", "--model", model, "--name", name),
-                        logs / f"launcher-{name}.log"), env=env)
-    with console.status("loading the replicas (vLLM starts in 25-60 s on CPU)..."):
-        try:
-            records = wait_registered(ReplicaDirectory(settings.replicas_path), set(names),
-                                      settings.replica.ready_timeout_s)
-        except TimeoutError as error:
-            err_console.print(f"[red]{error}; see {logs}/launcher-*.log and replica-*.log[/red]")
-            raise typer.Exit(1) from None
-        # ready means routable: the gateway reads the replica directory every second
-        deadline = time.monotonic() + 30
-        while not all(f'replica="{name}"' in _get_text(base + "/metrics") for name in names):
-            if time.monotonic() > deadline:
-                err_console.print(f"[red]the gateway did not pick up the replicas; see {logs / 'gateway.log'}[/red]")
-                raise typer.Exit(1)
-            time.sleep(0.3)
-    rows = [("gateway (OpenAI API)", f"{base}/v1  key: {settings.data_dir / 'gateway' / 'demo-api-key'}",
-             str(logs / "gateway.log"))]
-    for record in sorted(records, key=lambda r: r.name):
-        rows.append((f"replica {record.name}", f"{record.url} ({record.model}, ready in {record.load_seconds:.0f} s)",
-                     str(logs / f"replica-{record.name}.log")))
-    return rows
-
-
-def _up_airflow(stack: "Stack", settings: Settings, logs: Path) -> tuple[str, str, str]:
-    """`airflow standalone` in its own process group (stopping the group stops the scheduler, the
-    API server and every task with it); returns the summary row."""
-    from .dbt_tasks import ManifestError, dbt_project_dir, ensure_manifest, manifests_dir
-    from .net import wait_http
-    from .orchestration import airflow_env, api_url, passwords_file, standalone_argv
-    from .stack import Child
-
-    with console.status("parsing the dbt project for the DAGs (dbt parse; only after it changed)..."):
-        try:
-            ensure_manifest(dbt_project_dir(settings), manifests_dir(settings))
-        except ManifestError as error:
-            err_console.print(f"[red]{error}[/red]")
-            raise typer.Exit(1) from None
-    url = api_url(settings)
-    with console.status("starting Airflow (API server, scheduler, dag-processor; ~20 s)..."):
-        child = stack.add(Child("airflow", standalone_argv(), logs / "airflow.log", url=url),
-                          env={**_child_env(settings), **airflow_env(settings)})
-        if not wait_http(url + "/api/v2/monitor/health", 180.0, alive=lambda: child.alive):
-            err_console.print(f"[red]Airflow did not start; see {child.log_path}[/red]")
-            raise typer.Exit(1)
-    return ("airflow (UI, API)", f"{url}  user admin, password in {passwords_file(settings)}", str(logs / "airflow.log"))
-
-
 @app.command()
 def dashboards(
     port: Annotated[Optional[int], typer.Option(help="Port (default: dashboards.port, 8501).")] = None,
@@ -587,21 +565,6 @@ def dashboards(
     os.execv(argv[0], argv)
 
 
-def _up_dashboards(stack: "Stack", settings: Settings, logs: Path) -> tuple[str, str, str]:
-    from .dashboards.serve import app_url, health_url, streamlit_argv
-    from .net import wait_http
-    from .stack import Child
-
-    host, port = settings.dashboards.host, settings.dashboards.port
-    with console.status("starting the dashboards..."):
-        child = stack.add(Child("dashboards", streamlit_argv(host, port), logs / "dashboards.log"),
-                          env=_child_env(settings))
-        if not wait_http(health_url(host, port), 60.0, alive=lambda: child.alive):
-            err_console.print(f"[red]the dashboards did not start; see {child.log_path}[/red]")
-            raise typer.Exit(1)
-    return ("dashboards", app_url(host, port), str(logs / "dashboards.log"))
-
-
 @app.command("airflow", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def airflow_command(ctx: typer.Context) -> None:
     """Run the airflow CLI against FleetLens' Airflow (its AIRFLOW_HOME, DAGs and settings):
@@ -618,25 +581,6 @@ def airflow_command(ctx: typer.Context) -> None:
     env = {**os.environ, **airflow_env(settings)}
     result = subprocess.run([airflow_executable(), *ctx.args], env=env, check=False)
     raise typer.Exit(result.returncode)
-
-
-def _get_text(url: str) -> str:
-    import httpx
-
-    try:
-        return httpx.get(url, timeout=5).text
-    except httpx.HTTPError:
-        return ""
-
-
-def _client_host(bind: str) -> str:
-    return "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
-
-
-def _child_env(settings: Settings) -> dict[str, str]:
-    """Settings a child process must share with `up` even when they came from flags."""
-    return {"FLEETLENS_WAREHOUSE_SERVER__PORT": str(settings.warehouse_server.port),
-            "FLEETLENS_DATA_DIR": str(settings.data_dir)}
 
 
 def main() -> None:

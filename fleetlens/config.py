@@ -149,6 +149,9 @@ class CollectorSettings(BaseModel):
     scrape_interval_s: float = Field(15.0, gt=0, description="How often each replica's /metrics is scraped.")
     scrape_timeout_s: float = Field(5.0, gt=0, description="A scrape slower than this counts the replica as down.")
     scrape_targets: list[ScrapeTarget] = Field(default_factory=list, description="vLLM replicas to scrape.")
+    scrape_registered: bool = Field(
+        True, description="Also scrape every replica registered in the replica directory (replica.registry_dir, "
+        "default <data_dir>/replicas): those `fleetlens serve replica` runs on this machine, found anew each tick.")
 
 
 class GatewaySettings(BaseModel):
@@ -206,6 +209,11 @@ class ReplicaSettings(BaseModel):
     )
     kv_cache_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE for the CPU build (GiB).")
     ready_timeout_s: float = Field(600.0, gt=0, description="How long a replica may take from launch to ready.")
+    drain_timeout_s: float = Field(
+        20.0, ge=0, le=40,
+        description="On stop, after deregistering: the longest wait for the requests vLLM has in flight to finish "
+        "before it is sent SIGTERM (a stream cut mid-answer cannot fall back). Callers that stop a launcher wait "
+        "this + 30 s + margin (fleetlens.launch.REPLICA_STOP_GRACE_S).")
     otlp_traces_endpoint: str | None = Field(
         None, description="OTLP/HTTP traces URL vLLM sends its spans to; default: the collector on this machine."
     )

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Literal
 
 from .config import ConfigError, Settings, WarehouseURL, load_settings
+from .net import client_host
 
 Status = Literal["ok", "info", "warn", "fail"]
 GiB = 1024**3
@@ -439,15 +440,13 @@ def _is_fleetlens_component(holder: _Holder, use: PortUse, settings: Settings) -
     return False
 
 
-def _client_host(bind: str) -> str:
-    return "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
 
 
 def _probe_component(use: PortUse, settings: Settings) -> str | None:
     """What answers on the port when it is this FleetLens component: a description, else None."""
     import httpx
 
-    base = f"http://{_client_host(use.host)}:{use.port}"
+    base = f"http://{client_host(use.host)}:{use.port}"
     try:
         if use.component == "warehouse":
             url = settings.warehouse
@@ -456,7 +455,7 @@ def _probe_component(use: PortUse, settings: Settings) -> str | None:
             if reply.headers.get("X-ClickHouse-Server-Display-Name") == "fleetlens":
                 return "the FleetLens embedded warehouse"
         elif use.component == "collector":
-            http = f"http://{_client_host(use.host)}:{settings.collector.http_port}/metrics"
+            http = f"http://{client_host(use.host)}:{settings.collector.http_port}/metrics"
             if "fleetlens_collector_" in httpx.get(http, timeout=PROBE_TIMEOUT_S).text:
                 grpc = use.setting.endswith("grpc_port")
                 return "a FleetLens collector" + (" (its HTTP port answers)" if grpc else "")
@@ -472,7 +471,7 @@ def _probe_other(use: PortUse) -> str | None:
     """A recognisable server of that kind that is not (provably) FleetLens'."""
     import httpx
 
-    base = f"http://{_client_host(use.host)}:{use.port}"
+    base = f"http://{client_host(use.host)}:{use.port}"
     try:
         if use.component == "warehouse" and httpx.get(base + "/ping", timeout=PROBE_TIMEOUT_S).text == "Ok.\n":
             return "a ClickHouse server"

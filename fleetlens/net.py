@@ -22,6 +22,12 @@ def is_loopback(host: str) -> bool:
             return False
 
 
+def client_host(bind: str) -> str:
+    """The address a client on this machine uses for a server bound to `bind` (a wildcard bind is
+    reached on loopback)."""
+    return "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now (for tests, benches and local tools)."""
     with socket.socket() as s:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import dags
 from .config import Settings
+from .net import client_host
 
 # The `fleetlens.dags` package's folder: the repository's dags/ in a checkout, site-packages otherwise.
 DAGS_FOLDER = Path(dags.__file__).resolve().parent
@@ -32,7 +33,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
     airflow = settings.airflow
     database_url = (airflow.database_url.get_secret_value() if airflow.database_url
                     else f"sqlite:///{home / 'airflow.db'}")
-    api_url = f"http://{_client_host(airflow.host)}:{airflow.port}"
+    api_url = f"http://{client_host(airflow.host)}:{airflow.port}"
     venv_bin = str(Path(sys.executable).parent)
     return {
         "AIRFLOW_HOME": str(home),
@@ -66,7 +67,7 @@ def standalone_argv() -> list[str]:
 
 
 def api_url(settings: Settings) -> str:
-    return f"http://{_client_host(settings.airflow.host)}:{settings.airflow.port}"
+    return f"http://{client_host(settings.airflow.host)}:{settings.airflow.port}"
 
 
 def passwords_file(settings: Settings) -> Path:
@@ -74,5 +75,60 @@ def passwords_file(settings: Settings) -> Path:
     return settings.airflow_home / "simple_auth_manager_passwords.json.generated"
 
 
-def _client_host(bind: str) -> str:
-    return "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
+
+
+class AirflowAPI:
+    """The few calls of Airflow's REST API (v2) FleetLens makes to a running Airflow: a token from the
+    simple auth manager's generated admin password, then DAGs and DAG runs."""
+
+    def __init__(self, settings: Settings, timeout_s: float = 30.0) -> None:
+        import httpx
+
+        self.base = api_url(settings)
+        self._http = httpx.Client(base_url=self.base, timeout=timeout_s)
+        self._settings = settings
+
+    def login(self) -> None:
+        import json
+
+        password = json.loads(passwords_file(self._settings).read_text())["admin"]
+        response = self._http.post("/auth/token", json={"username": "admin", "password": password})
+        response.raise_for_status()
+        self._http.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
+
+    def dag(self, dag_id: str) -> dict | None:
+        """The DAG as Airflow knows it, None until the dag-processor has parsed it."""
+        response = self._http.get(f"/api/v2/dags/{dag_id}")
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
+
+    def set_paused(self, dag_id: str, paused: bool) -> None:
+        self._http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": paused}).raise_for_status()
+
+    def trigger(self, dag_id: str, *, logical_date: str, interval: tuple[str, str], conf: dict) -> dict | None:
+        """Queue a run with this logical date and data interval (ISO timestamps with a zone); None when
+        a run with that logical date exists already (409)."""
+        response = self._http.post(f"/api/v2/dags/{dag_id}/dagRuns", json={
+            "logical_date": logical_date, "data_interval_start": interval[0], "data_interval_end": interval[1],
+            "conf": conf, "note": "fleetlens demo"})
+        if response.status_code == 409:
+            return None
+        response.raise_for_status()
+        return response.json()
+
+    def run(self, dag_id: str, run_id: str) -> dict:
+        response = self._http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+        response.raise_for_status()
+        return response.json()
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+        """task id -> state (None: not scheduled yet) of every task instance of the run."""
+        response = self._http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances",
+                                  params={"limit": 1000})
+        response.raise_for_status()
+        return {ti["task_id"]: ti["state"] for ti in response.json()["task_instances"]}
+
+    def close(self) -> None:
+        self._http.close()

@@ -1,4 +1,4 @@
-"""Run FleetLens' own processes (warehouse now; collector, gateway, dashboards later) side by side.
+"""Run FleetLens' own processes (warehouse, collector, gateway, replicas, Airflow, dashboards) side by side.
 
 Each child runs in its own process group, so stopping it also stops whatever it started; Ctrl-C
 or SIGTERM stops every child (SIGTERM, then SIGKILL after a grace period) and leaves no orphans.
@@ -82,6 +82,7 @@ class Child:
     argv: list[str]
     log_path: Path
     url: str = ""
+    grace_s: float = 20.0  # SIGTERM -> SIGKILL; longer for a child that itself stops children gracefully
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, env: dict[str, str] | None = None) -> None:
@@ -96,9 +97,9 @@ class Child:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, grace_s: float = 20.0) -> None:
+    def stop(self) -> None:
         if self.process is not None:
-            stop_group(self.process, grace_s)
+            stop_group(self.process, self.grace_s)
 
 
 @dataclass
@@ -111,6 +112,9 @@ class Stack:
         return child
 
     def stop(self) -> None:
+        """Stop the children newest first, one after the other: a child may need the ones started
+        before it while it stops (replicas drain through the gateway, the gateway flushes its spans
+        to the collector, the collector its spool into the warehouse)."""
         for child in reversed(self.children):
             child.stop()
 

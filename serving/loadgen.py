@@ -146,6 +146,8 @@ class Feature(_Strict):
     stream_share: float = Field(0.0, ge=0, le=1)
     model: str = Field("auto", min_length=1, description="The body's model: 'auto' lets the route decide.")
     endpoint: Literal["chat", "completions"] = "chat"
+    ignore_eos: bool = Field(False, description="vLLM's `ignore_eos`: always generate max_tokens tokens (real decode "
+                             "work from models that would stop at once, such as the demo models on prose).")
 
     _dists = field_validator("prompt_words", "max_tokens", "hard_prompt_words", "hard_max_tokens",
                              mode="before")(_constant)
@@ -318,6 +320,7 @@ class PlannedRequest:
     max_tokens: int
     prompt: str
     difficulty: float  # under the default cascade policy (registry.difficulty)
+    ignore_eos: bool = False
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens, "stream": self.stream}
@@ -327,6 +330,8 @@ class PlannedRequest:
             body["prompt"] = self.prompt
         if self.stream:
             body["stream_options"] = {"include_usage": True}
+        if self.ignore_eos:
+            body["ignore_eos"] = True
         return body
 
     @property
@@ -391,7 +396,7 @@ def plan(mix: TrafficMix, *, requests: int | None = None, rate: float | None = N
         prompt = make_prompt(content, feature.prompt_style, words, hard)
         score = difficulty(RequestFeatures(prompt_text=prompt, max_tokens=max_tokens), policy)
         out.append(PlannedRequest(index, round(at, 6), customer, feature_name, stream, hard, feature.endpoint,
-                                  feature.model, max_tokens, prompt, round(score, 4)))
+                                  feature.model, max_tokens, prompt, round(score, 4), feature.ignore_eos))
     return out
 
 

@@ -118,8 +118,9 @@ class ReplicaLauncher:
     """Starts the planned vLLM process (its own process group), waits for it, records and registers it."""
 
     def __init__(self, plan: ReplicaPlan, directory: ReplicaDirectory, log_path: Path,
-                 tracer_provider: TracerProvider | None = None) -> None:
+                 tracer_provider: TracerProvider | None = None, drain_timeout_s: float = 20.0) -> None:
         self.plan = plan
+        self.drain_timeout_s = drain_timeout_s
         self.directory = directory
         self.log_path = log_path
         self.tracer_provider = tracer_provider
@@ -206,14 +207,17 @@ class ReplicaLauncher:
         self.registered = True
 
     def stop(self, grace_s: float = 30.0) -> int | None:
-        """Deregister first (the gateway stops sending new requests), then SIGTERM the group, which
-        lets vLLM finish what it has in flight; SIGKILL after `grace_s`. A replica stopped while still
-        loading has nothing in flight and vLLM ignores SIGTERM until it is up, so it gets 3 s: whoever
-        stops this launcher (Ctrl-C, `fleetlens up`, the eval gate) must not out-wait it and SIGKILL
-        the launcher first, which would leave vLLM (in its own session) running."""
+        """Deregister first (the gateway stops sending new requests), drain (wait until vLLM has
+        nothing running or waiting, at most `drain_timeout_s`), then SIGTERM the group; SIGKILL after
+        `grace_s`. Draining matters: vLLM's shutdown does not finish open streams, and a stream that
+        already sent tokens cannot fall back to another replica. A replica stopped while still loading
+        has nothing in flight and vLLM ignores SIGTERM until it is up, so it gets 3 s: whoever stops
+        this launcher (Ctrl-C, `fleetlens up`, the eval gate) must not out-wait it and SIGKILL the
+        launcher first, which would leave vLLM (in its own session) running."""
         if self.registered:
             self.directory.deregister(self.plan.name)
             self.registered = False
+            self.drain(self.drain_timeout_s)
         if self.process is None:
             return None
         grace_s = grace_s if self.ready_at else min(grace_s, 3.0)
@@ -221,6 +225,42 @@ class ReplicaLauncher:
         if self.tracer_provider is not None:
             self.tracer_provider.shutdown()
         return code
+
+    def drain(self, timeout_s: float, quiet_s: float = 1.5) -> float:
+        """Wait until vLLM reports no request running or waiting for `quiet_s` in a row (longer than
+        the gateway takes to see the deregistration, so nothing new arrives after), at most
+        `timeout_s`; returns the seconds waited. A replica whose metrics cannot be read is not waited for."""
+        started = time.monotonic()
+        quiet_since: float | None = None
+        with httpx.Client(timeout=1.0) as client:
+            while self.alive and time.monotonic() - started < timeout_s:
+                busy = self.in_flight(client)
+                if busy is None:
+                    break
+                now = time.monotonic()
+                if busy:
+                    quiet_since = None
+                elif quiet_since is None:
+                    quiet_since = now
+                elif now - quiet_since >= quiet_s:
+                    break
+                time.sleep(0.2)
+        waited = time.monotonic() - started
+        log.info("replica %s drained in %.1f s", self.plan.name, waited)
+        return waited
+
+    def in_flight(self, client: httpx.Client) -> int | None:
+        """Requests vLLM is running or has waiting (its /metrics gauges); None when unreadable."""
+        try:
+            text = client.get(self.plan.url + "/metrics").text
+        except httpx.HTTPError:
+            return None
+        total, seen = 0.0, False
+        for line in text.splitlines():
+            if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
+                total += float(line.rsplit(" ", 1)[1])
+                seen = True
+        return int(total) if seen else None
 
     def serve_forever(self) -> int:
         """Block until vLLM exits or SIGTERM/SIGINT arrives; always stops and deregisters."""

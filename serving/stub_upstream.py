@@ -131,6 +131,7 @@ class StubState:
     rng: random.Random
     requests_total: int = 0
     ids: int = 0
+    in_flight: int = 0  # completions being answered (streams until their last chunk)
 
     def next_id(self, prefix: str) -> str:
         self.ids += 1
@@ -278,6 +279,18 @@ def make_app(config: StubConfig | None = None) -> Starlette:
         })
 
     async def generate(request: Request, chat: bool) -> Response:
+        state.in_flight += 1
+        response: Response | None = None
+        try:
+            response = await _generate(request, chat)
+            return response
+        finally:
+            if isinstance(response, StreamingResponse):
+                response.body_iterator = _counted(state, response.body_iterator)
+            else:
+                state.in_flight -= 1
+
+    async def _generate(request: Request, chat: bool) -> Response:
         record(request)
         body = await read_body(request)
         if isinstance(body, Response):
@@ -326,6 +339,13 @@ def make_app(config: StubConfig | None = None) -> Starlette:
             "usage": usage,
         })
 
+    async def metrics(request: Request) -> Response:
+        """The two vLLM gauges a launcher drains on (vLLM's names, so the same code reads both)."""
+        label = f'{{model_name="{config.model}"}}'
+        text = (f"vllm:num_requests_running{label} {float(state.in_flight)}\n"
+                f"vllm:num_requests_waiting{label} 0.0\n")
+        return Response(text, media_type="text/plain; version=0.0.4")
+
     async def chat_completions(request: Request) -> Response:
         return await generate(request, chat=True)
 
@@ -363,6 +383,7 @@ def make_app(config: StubConfig | None = None) -> Starlette:
 
     app = Starlette(routes=[
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
@@ -376,6 +397,15 @@ def make_app(config: StubConfig | None = None) -> Starlette:
     ])
     app.state.stub = state
     return app
+
+
+async def _counted(state: StubState, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A stream that counts as in flight until its last chunk is sent (or it is cut)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        state.in_flight -= 1
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -421,17 +451,20 @@ async def _stream(
 # --------------------------------------------------------------------------- running it
 
 
-def _uvicorn_config(config: StubConfig, host: str, port: int) -> uvicorn.Config:
+def _uvicorn_config(config: StubConfig, host: str, port: int, shutdown_grace_s: float | None = None) -> uvicorn.Config:
     if not is_loopback(host):
         log.warning("stub upstream bound to non-loopback %s: anyone who can reach it can change it", host)
     return uvicorn.Config(
         make_app(config), host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+        timeout_graceful_shutdown=shutdown_grace_s,
     )
 
 
-def serve(config: StubConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the stub in the foreground until interrupted (what `python -m ...stub_upstream` does)."""
-    uvicorn.Server(_uvicorn_config(config, host, port)).run()
+def serve(config: StubConfig, host: str = "127.0.0.1", port: int = 8000, shutdown_grace_s: float | None = None) -> None:
+    """Run the stub in the foreground until interrupted (what `python -m ...stub_upstream` does).
+    `shutdown_grace_s`: on SIGTERM, cut the answers still open after this long (vLLM does not finish
+    open streams when it shuts down); None waits for them."""
+    uvicorn.Server(_uvicorn_config(config, host, port, shutdown_grace_s)).run()
 
 
 class StubServer:
@@ -499,6 +532,8 @@ def main(argv: list[str] | None = None) -> None:
     # Stand-in for vLLM under `fleetlens serve replica` (replica.engine_command): take vLLM's flags.
     parser.add_argument("--served-model-name", default=None, help="served model name (overrides --model)")
     parser.add_argument("--startup-delay-s", type=float, default=0.0, help="sleep before listening (a load time)")
+    parser.add_argument("--shutdown-grace-s", type=float, default=None,
+                        help="on SIGTERM, cut open answers after this long, as vLLM does (default: let them finish)")
     args, ignored = parser.parse_known_args(argv)
     if ignored:
         logging.getLogger(__name__).info("ignoring vLLM arguments %s", ignored)
@@ -509,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
         completion_tokens=args.completion_tokens, seed=args.seed,
     )
     logging.basicConfig(level=logging.WARNING)
-    serve(config, args.host, args.port)
+    serve(config, args.host, args.port, args.shutdown_grace_s)
 
 
 if __name__ == "__main__":

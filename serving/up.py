@@ -5,8 +5,9 @@ host, or `replica.engine_command`). Everything it writes lives under `<data_dir>
 
     models/demo/            the demo checkpoints and their models.yaml (`fleetlens models make-demo`)
     gateway/routes.yaml     routes for the demo models (copied from serving/examples once; edit freely)
-    gateway/keys.yaml       one demo API key, stored hashed
-    gateway/demo-api-key    that key in clear, mode 0600, so a user can call the gateway
+    gateway/keys.yaml       the demo API keys (one per demo customer), stored hashed
+    gateway/demo-api-key    the demo customer's key in clear, mode 0600, so a user can call the gateway
+    gateway/api-keys/       the other demo customers' keys (`fleetlens demo`'s traffic), mode 0600
 
 The gateway and the replicas follow `<data_dir>/replicas`, so the replicas join the gateway's pools
 when ready, whatever order they come up in.
@@ -18,6 +19,8 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from fleetlens.config import ConfigError, Settings
 
@@ -52,19 +55,39 @@ def engine_available(settings: Settings) -> bool:
     return True
 
 
-def prepare_files(settings: Settings, models_yaml: Path) -> ServingFiles:
-    """Routes and a demo key under <data_dir>/gateway, made once and kept (a user may edit them)."""
+def prepare_files(settings: Settings, models_yaml: Path, *, routes: Path | None = None,
+                  customers: tuple[str, ...] = ("demo",)) -> ServingFiles:
+    """Routes (a copy of the demo routes, made once and kept: a user may edit it; or `routes` as given)
+    and one API key per customer under <data_dir>/gateway; the first customer's key is the demo key."""
     directory = settings.data_dir / "gateway"
     directory.mkdir(parents=True, exist_ok=True)
-    routes = directory / "routes.yaml"
-    if not routes.exists():
-        shutil.copyfile(DEMO_ROUTES, routes)
-    keys, key_file = directory / "keys.yaml", directory / "demo-api-key"
-    if not keys.exists() or not key_file.exists():
-        key, digest = generate_key()
-        keys.write_text("# Made by `fleetlens up`: the demo key (in clear in demo-api-key, mode 0600).\n"
-                        f"- {{id: demo, customer: demo, hash: '{digest}'}}\n")
-        key_file.touch(mode=0o600)
-        key_file.write_text(key + "\n")
-    os.chmod(key_file, 0o600)
-    return ServingFiles(models_yaml, routes, keys, key_file.read_text().strip())
+    if routes is None:
+        routes = directory / "routes.yaml"
+        if not routes.exists():
+            shutil.copyfile(DEMO_ROUTES, routes)
+    keys = customer_keys(directory, customers)
+    return ServingFiles(models_yaml, routes, directory / "keys.yaml", keys[customers[0]])
+
+
+def customer_keys(directory: Path, customers: tuple[str, ...]) -> dict[str, str]:
+    """A key per customer, made once: `keys.yaml` holds their hashes (what the gateway reads), the keys
+    themselves are in files of mode 0600 — `demo-api-key` for the first customer (what `fleetlens eval`
+    uses by default), `api-keys/<customer>` for the others. Re-running adds missing customers only."""
+    keys_yaml = directory / "keys.yaml"
+    entries = (yaml.safe_load(keys_yaml.read_text()) or []) if keys_yaml.exists() else []
+    known = {entry["id"] for entry in entries}
+    keys: dict[str, str] = {}
+    for index, customer in enumerate(customers):
+        key_id = "demo" if index == 0 else customer
+        key_file = directory / "demo-api-key" if index == 0 else directory / "api-keys" / customer
+        if key_id not in known or not key_file.exists():
+            key, digest = generate_key()
+            entries = [e for e in entries if e["id"] != key_id] + [{"id": key_id, "customer": customer, "hash": digest}]
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            key_file.touch(mode=0o600)
+            key_file.write_text(key + "\n")
+        os.chmod(key_file, 0o600)
+        keys[customer] = key_file.read_text().strip()
+    keys_yaml.write_text("# Made by `fleetlens up` / `fleetlens demo`: demo keys, stored hashed (the keys are in\n"
+                         "# demo-api-key and api-keys/<customer>, mode 0600).\n" + yaml.safe_dump(entries, sort_keys=False))
+    return keys

@@ -369,3 +369,39 @@ def test_collector_process_scrapes_its_configured_replicas(replica, warehouse, s
     metrics = collector.metrics()
     assert metrics['fleetlens_collector_scrapes_total{outcome="ok"}'] >= 1
     assert metrics['fleetlens_collector_scrapes_total{outcome="failed"}'] >= 1
+
+
+def test_collector_scrapes_the_replicas_registered_on_this_machine(replica, warehouse, start_collector, tmp_path):
+    """No scrape_targets: the replicas `fleetlens serve replica` registers (<data_dir>/replicas) are
+    scraped from the tick after they register until the tick after they leave."""
+    from conftest import migrated_database, wait_for
+    from fleetlens.serving.registration import ReplicaDirectory, ReplicaRecord
+
+    url = migrated_database(warehouse, "scrape_registered")
+    directory = ReplicaDirectory(tmp_path / "replicas")
+    start_collector(url, env={"FLEETLENS_REPLICA__REGISTRY_DIR": str(directory.path),
+                              "FLEETLENS_COLLECTOR__SCRAPE_INTERVAL_S": "0.5"})
+    client = warehouse.client(database="scrape_registered")
+
+    def samples(name: str) -> int:
+        return client.query("SELECT count() FROM fleet_metrics WHERE metric = 'up' AND value = 1 "
+                            "AND replica = {r:String}", parameters={"r": name}).result_rows[0][0]
+
+    time.sleep(1.5)
+    assert samples("reg-0") == 0  # nothing registered, nothing scraped
+    directory.register(ReplicaRecord(name="reg-0", model="tiny-llama", url=replica))
+    wait_for(lambda: samples("reg-0") >= 2)
+    model = client.query("SELECT any(model) FROM fleet_metrics WHERE replica = 'reg-0'").result_rows[0][0]
+    assert model == "tiny-llama"
+    directory.deregister("reg-0")
+    time.sleep(1.2)  # a tick in flight may still write one more
+    after = samples("reg-0")
+    time.sleep(1.5)
+    assert samples("reg-0") == after  # gone from the directory: no longer scraped
+
+
+def test_scrape_registered_can_be_turned_off(tmp_path):
+    settings = Settings(warehouse_url="http://default:pw@127.0.0.1:9/db", data_dir=tmp_path,
+                        collector={"scrape_registered": False})
+    assert build_scraper(settings).discover is None
+    assert build_scraper(Settings(warehouse_url="http://default:pw@127.0.0.1:9/db", data_dir=tmp_path)).discover

@@ -12,15 +12,11 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import expect, sync_playwright
 
 from conftest import SeededWarehouse, child_env, free_port, stop_group, wait_http
 from fleetlens.dashboards import ui
-
-CHROMIUM = "/usr/bin/chromium"
-# Flags for a machine without a network or a display (Chromium otherwise keeps trying Google's hosts).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+from fleetlens.dashboards.browser import VIEWPORT, chromium_path, launch, metric_value, settle
 
 pytestmark = pytest.mark.slow
 
@@ -45,22 +41,11 @@ def dashboards_url(seeded_warehouse: SeededWarehouse, tmp_path_factory: pytest.T
 @pytest.fixture(scope="module")
 def browser():
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        executable = chromium_path()
+        assert executable, "no Chromium: scripts/setup-test-deps installs Debian's package"
+        browser = launch(playwright, executable)
         yield browser
         browser.close()
-
-
-def settle(page: Page) -> None:
-    """Once the page's content is there: wait until the script run is over (no 'Running…' widget)
-    and every plotly chart has drawn."""
-    page.wait_for_selector('[data-testid="stApp"]', timeout=60_000)
-    page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-        " && document.querySelectorAll('[data-testid=\"stSpinner\"]').length === 0",
-        timeout=120_000)
-    for chart in page.locator(".js-plotly-plot").all():
-        chart.locator(".main-svg").first.wait_for(state="attached", timeout=60_000)
-    page.wait_for_timeout(500)  # the last animation frame of the charts
 
 
 def scalar(seeded: SeededWarehouse, sql: str) -> object:
@@ -68,11 +53,6 @@ def scalar(seeded: SeededWarehouse, sql: str) -> object:
     days = (f"day BETWEEN (SELECT min(day) FROM {seeded.marts}.fct_requests) "
             f"AND (SELECT max(day) FROM {seeded.marts}.fct_requests)")
     return seeded.client().query(sql.format(marts=seeded.marts, raw=seeded.database, days=days)).result_rows[0][0]
-
-
-def metric_value(page: Page, label: str) -> str:
-    metric = page.locator('[data-testid="stMetric"]').filter(has_text=label).first
-    return metric.locator('[data-testid="stMetricValue"]').inner_text().strip()
 
 
 PAGES = [  # (url path, title, a text the page must show, plotly charts at least)
@@ -92,8 +72,7 @@ def test_every_page_in_chromium(dashboards_url: str, browser, seeded_warehouse: 
     seeded = seeded_warehouse
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    # Streamlit scrolls inside its main block, not the document: a tall window shows a whole page
-    page = browser.new_page(viewport={"width": 1440, "height": 2600})
+    page = browser.new_page(viewport=VIEWPORT)
     console_errors: list[str] = []
     page.on("pageerror", lambda error: console_errors.append(str(error)))
     for path, title, text, charts in PAGES:

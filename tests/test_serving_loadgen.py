@@ -53,6 +53,17 @@ def test_the_plan_is_a_function_of_the_seed() -> None:
     assert loadgen.plan(mix, requests=50) == first[:50]  # a longer run extends a shorter one
 
 
+def test_ignore_eos_features_ask_for_every_token_and_the_demo_traffic_is_valid() -> None:
+    from fleetlens.demo import TRAFFIC, with_keys
+
+    mix = with_keys(loadgen.load_mix(TRAFFIC), {"acme": "k1", "globex": "k2", "initech": "k3"})
+    planned = loadgen.plan(mix, duration_s=60)
+    assert planned and all(p.body()["ignore_eos"] is True for p in planned)
+    assert {c.name: c.key() for c in mix.customers} == {"acme": "k1", "globex": "k2", "initech": "k3"}
+    assert {p.customer for p in planned} == {"acme", "globex", "initech"}
+    assert all("ignore_eos" not in p.body() for p in loadgen.plan(small_mix(), requests=50))
+
+
 def test_poisson_inter_arrival_mean_and_bursts() -> None:
     mix = small_mix()
     times = loadgen.arrival_times(mix.arrival, random.Random(1), requests=20_000)

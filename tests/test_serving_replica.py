@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -175,6 +176,47 @@ def test_launched_replica_is_timed_registered_routed_to_and_deregistered(gateway
         assert unreachable.status_code in (200, 502, 503)  # in the second before the gateway re-reads
     finally:
         stop_group(launcher, signal.SIGTERM, 20)
+
+
+def test_stopping_a_replica_lets_the_streams_it_is_answering_finish(gateway_with_directory) -> None:
+    """The engine cuts open streams when it exits (as vLLM does: a stream stalled after its first token
+    when vLLM was stopped under load); the launcher deregisters, drains, and only then stops it, so a
+    stream in flight at the stop ends complete. Without the drain this stream is cut 0.1 s after SIGTERM."""
+    ctx = gateway_with_directory
+    engine = [sys.executable, "-m", "fleetlens.serving.stub_upstream", "--tokens-per-s", "10", "--completion-tokens", "30",
+              "--shutdown-grace-s", "0.1"]
+    env = dict(ctx["env"], FLEETLENS_REPLICA__ENGINE_COMMAND=json.dumps(engine))
+    with open(ctx["tmp"] / "replica.log", "wb") as log:
+        launcher = subprocess.Popen([sys.executable, "-m", "fleetlens", "serve", "replica", "--model", "small"],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    directory = ReplicaDirectory(ctx["dir"])
+    try:
+        (record,) = wait_for(lambda: directory.records(), timeout_s=60)
+        headers = {"authorization": f"Bearer {ctx['key']}"}
+        body = {"model": "auto", "max_tokens": 30, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        wait_for(lambda: httpx.post(ctx["base"] + "/v1/chat/completions", headers=headers, timeout=10,
+                                    json={**body, "stream": False, "max_tokens": 1}).status_code == 200,
+                 timeout_s=10, interval_s=0.3)  # routed (the gateway reads the directory each second)
+        words, done, stopped_at = [], False, None
+        with httpx.stream("POST", ctx["base"] + "/v1/chat/completions", json=body, headers=headers,
+                          timeout=30) as reply:
+            assert reply.status_code == 200
+            for line in reply.iter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    delta = json.loads(line[6:])["choices"][0]["delta"] if '"choices":[{' in line else {}
+                    if delta.get("content"):
+                        words.append(delta["content"])
+                        if stopped_at is None:  # the first token is out: stop the replica now
+                            os.killpg(launcher.pid, signal.SIGTERM)
+                            stopped_at = time.monotonic()
+        assert done and len(words) == 30, (len(words), (ctx["tmp"] / "replica.log").read_text()[-2000:])
+        assert launcher.wait(60) == 0
+        assert time.monotonic() - stopped_at >= 2.5  # it waited for the ~3 s stream
+        assert directory.records() == []
+    finally:
+        stop_group(launcher, signal.SIGTERM, 60)
 
 
 def test_engine_that_dies_during_load_fails_with_its_log(tmp_path: Path) -> None:

@@ -161,7 +161,7 @@ def test_load_of_200_with_a_replica_stopped_mid_run(fleet) -> None:
     env = dict(fleet["env"], FL_KEY_ACME=fleet["keys"]["acme"], FL_KEY_GLOBEX=fleet["keys"]["globex"])
     load = subprocess.Popen([sys.executable, "-m", "fleetlens", "load", "--mix", str(mix), "--json-out", str(out),
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    time.sleep(6)  # ~70 requests in: stop the large replica (deregister, then SIGTERM to vLLM)
+    time.sleep(6)  # ~70 requests in: stop the large replica (deregister, drain, then SIGTERM to vLLM)
     large = fleet["processes"]["large"]
     os.killpg(large.pid, signal.SIGTERM)
     assert large.wait(60) == 0

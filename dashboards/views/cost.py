@@ -41,6 +41,7 @@ with right:
                     labels={"fully_loaded_usd": "USD per day", "day": "", "value": dimension},
                     title=f"Daily fully loaded cost by {dimension}")
     trend.update_yaxes(tickprefix="$")
+    ui.daily_axis(trend, data.trend["day"])
     st.plotly_chart(trend, width="stretch")
 
 bars = table.melt(id_vars="value", value_vars=["allocated_usd", "idle_share_usd"], var_name="part", value_name="usd")

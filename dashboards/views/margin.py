@@ -40,6 +40,7 @@ trend = px.line(data.trend, x="day", y="contribution_margin_usd", color="custome
                 title="Contribution margin over time")
 trend.update_yaxes(tickprefix="$")
 trend.add_hline(y=0, line_dash="dot")
+ui.daily_axis(trend, data.trend["day"])
 st.plotly_chart(trend, width="stretch")
 
 

@@ -45,4 +45,5 @@ if not daily.empty:
     figure = px.line(chart, x="day", y="usd", color="series", markers=True,
                      labels={"usd": "USD per day", "day": ""}, title="Daily cost")
     figure.update_yaxes(tickprefix="$")
+    ui.daily_axis(figure, chart["day"])
     st.plotly_chart(figure, width="stretch")
