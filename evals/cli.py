@@ -245,7 +245,7 @@ def gate_command(
     not start, warehouse unusable). The report goes to stdout, --report-out and $GITHUB_STEP_SUMMARY."""
     from fleetlens.config import ConfigError, load_settings
 
-    from .gate import GateError, default_work_dir, prepare_gate, run_gate, store_gate
+    from .gate import GateError, default_work_dir, prepare_gate, store_gate
     from .stats import Verdict
 
     try:
@@ -263,21 +263,13 @@ def gate_command(
         client, database = _warehouse()
     except typer.Exit:
         raise typer.Exit(EXIT_ERROR) from None
-    started = time.monotonic()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:
-        status = progress.add_task("planning", total=None)
-
-        def on_status(message: str) -> None:
-            progress.update(status, description=message)
-            progress.console.print(f"[dim]{time.monotonic() - started:6.0f} s[/dim]  {message}")
-
-        try:
-            result = run_gate(*sides, plan, policy=gate_policy, client=client, database=database,
-                              settings=settings, work_dir=work_dir or default_work_dir(settings), seed=seed,
-                              limit=limit, concurrency=concurrency, require_cost=require_cost, on_status=on_status)
-        except GateError as error:
-            err_console.print(f"[red]the gate could not run: {error}[/red]")
-            raise typer.Exit(EXIT_ERROR) from None
+    try:
+        result = run_gate_with_progress(sides, plan, console, policy=gate_policy, client=client, database=database,
+                                        settings=settings, work_dir=work_dir or default_work_dir(settings), seed=seed,
+                                        limit=limit, concurrency=concurrency, require_cost=require_cost)
+    except GateError as error:
+        err_console.print(f"[red]the gate could not run: {error}[/red]")
+        raise typer.Exit(EXIT_ERROR) from None
     _publish(result.report, report_out)
     if store:
         try:
@@ -287,6 +279,22 @@ def gate_command(
             raise typer.Exit(EXIT_ERROR) from None
     console.print(f"gate {result.verdict} in {result.wall_s:.0f} s (start-up {result.startup_s:.0f} s)")
     raise typer.Exit({Verdict.PASS: EXIT_PASS, Verdict.FAIL: EXIT_FAIL}.get(result.verdict, EXIT_INCOMPLETE))
+
+
+def run_gate_with_progress(sides, plan, console: Console, **kwargs):
+    """`run_gate` under a spinner that shows its current step, each step also printed with the seconds
+    since the start (the gate runs for minutes). Raises GateError as `run_gate` does."""
+    from .gate import run_gate
+
+    started = time.monotonic()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:
+        status = progress.add_task("planning", total=None)
+
+        def on_status(message: str) -> None:
+            progress.update(status, description=message)
+            progress.console.print(f"[dim]{time.monotonic() - started:6.0f} s[/dim]  {message}")
+
+        return run_gate(*sides, plan, on_status=on_status, **kwargs)
 
 
 def _print_plan(sides, plan) -> None:

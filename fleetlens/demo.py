@@ -301,26 +301,19 @@ def build_marts_with_airflow(settings: Settings, since: datetime, console: Conso
 def run_demo_gate(settings: Settings, console: Console) -> dict[str, Any]:
     """`fleetlens eval gate --baseline demo-fleet --candidate demo-fleet/candidate-int8` in this process,
     with its replicas and gateways stopped at the end (or on Ctrl-C); returns the verdict's lines."""
-    from .evals.gate import GateError, default_work_dir, prepare_gate, run_gate, store_gate
+    from .evals.cli import run_gate_with_progress
+    from .evals.gate import GateError, default_work_dir, prepare_gate, store_gate
     from .warehouse.client import connect
 
     sides, plan, policy = prepare_gate(str(FLEET), str(CANDIDATE), settings)
     for change in plan.changes:
         console.print(f"  changed: {change}")
     client, database = connect(settings.warehouse), settings.warehouse.database
-    started = time.monotonic()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
-        status = bar.add_task("planning", total=None)
-
-        def on_status(message: str) -> None:
-            bar.update(status, description=message)
-            bar.console.print(f"[dim]{time.monotonic() - started:6.0f} s[/dim]  {message}")
-
-        try:
-            result = run_gate(*sides, plan, policy=policy, client=client, database=database, settings=settings,
-                              work_dir=default_work_dir(settings), on_status=on_status)
-        except GateError as error:
-            raise DemoError(f"the eval gate could not run: {error}") from None
+    try:
+        result = run_gate_with_progress(sides, plan, console, policy=policy, client=client, database=database,
+                                        settings=settings, work_dir=default_work_dir(settings))
+    except GateError as error:
+        raise DemoError(f"the eval gate could not run: {error}") from None
     gate_id = store_gate(client, database, result)
     report = settings.data_dir / "demo" / "gate-report.md"
     report.parent.mkdir(parents=True, exist_ok=True)

@@ -131,13 +131,18 @@ def gateway_with_directory(tmp_path: Path, warehouse: WarehouseProcess, start_co
         stop_group(gateway, signal.SIGTERM, 20)
 
 
-def test_launched_replica_is_timed_registered_routed_to_and_deregistered(gateway_with_directory) -> None:
-    ctx = gateway_with_directory
-    engine = [sys.executable, "-m", "fleetlens.serving.stub_upstream", "--startup-delay-s", "1.5"]
+def launch_small(ctx: dict, *stub_args: str) -> subprocess.Popen:
+    """`fleetlens serve replica --model small` with the stub upstream (these `stub_args`) as its engine."""
+    engine = [sys.executable, "-m", "fleetlens.serving.stub_upstream", *stub_args]
     env = dict(ctx["env"], FLEETLENS_REPLICA__ENGINE_COMMAND=json.dumps(engine))
     with open(ctx["tmp"] / "replica.log", "wb") as log:
-        launcher = subprocess.Popen([sys.executable, "-m", "fleetlens", "serve", "replica", "--model", "small"],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen([sys.executable, "-m", "fleetlens", "serve", "replica", "--model", "small"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def test_launched_replica_is_timed_registered_routed_to_and_deregistered(gateway_with_directory) -> None:
+    ctx = gateway_with_directory
+    launcher = launch_small(ctx, "--startup-delay-s", "1.5")
     directory = ReplicaDirectory(ctx["dir"])
     try:
         records = wait_for(lambda: directory.records(), timeout_s=60)
@@ -183,12 +188,7 @@ def test_stopping_a_replica_lets_the_streams_it_is_answering_finish(gateway_with
     when vLLM was stopped under load); the launcher deregisters, drains, and only then stops it, so a
     stream in flight at the stop ends complete. Without the drain this stream is cut 0.1 s after SIGTERM."""
     ctx = gateway_with_directory
-    engine = [sys.executable, "-m", "fleetlens.serving.stub_upstream", "--tokens-per-s", "10", "--completion-tokens", "30",
-              "--shutdown-grace-s", "0.1"]
-    env = dict(ctx["env"], FLEETLENS_REPLICA__ENGINE_COMMAND=json.dumps(engine))
-    with open(ctx["tmp"] / "replica.log", "wb") as log:
-        launcher = subprocess.Popen([sys.executable, "-m", "fleetlens", "serve", "replica", "--model", "small"],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    launcher = launch_small(ctx, "--tokens-per-s", "10", "--completion-tokens", "30", "--shutdown-grace-s", "0.1")
     directory = ReplicaDirectory(ctx["dir"])
     try:
         (record,) = wait_for(lambda: directory.records(), timeout_s=60)
