@@ -94,8 +94,12 @@ class GatewayMetrics(Collector):
             yield CounterMetricFamily(PREFIX + "spans_exported", "Spans the collector acknowledged",
                                       value=e.exported_spans)
             yield CounterMetricFamily(PREFIX + "spans_dropped",
-                                      "Spans lost: export failed (collector down) or the export queue was full",
+                                      "Spans lost: refused by the collector, still unsent at shutdown, or the export "
+                                      "queue was full (collector down for long)",
                                       value=e.failed_spans + e.dropped_spans)
+            yield CounterMetricFamily(PREFIX + "spans_retried",
+                                      "Spans sent again: the collector asked to retry (429/502/503/504) or was unreachable",
+                                      value=e.retried_spans)
 
 
 def registry_for(metrics: GatewayMetrics) -> CollectorRegistry:

@@ -38,7 +38,12 @@ class ExportStats:
     exported_spans: int = 0
     failed_spans: int = 0
     dropped_spans: int = 0  # the export queue was full (collector slow or down for long)
+    retried_spans: int = 0  # sent again after the collector asked to retry (429/502/503/504) or was unreachable
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def retry(self, count: int) -> None:
+        with self._lock:
+            self.retried_spans += count
 
     def drop(self, count: int = 1) -> None:
         with self._lock:
@@ -121,13 +126,21 @@ class LoopSpanProcessor(SpanProcessor):
     Serialized ExportTraceServiceRequests concatenate into one valid request (protobuf merges
     repeated fields by appending), so the slices go out as one POST (up to `max_body_bytes`).
 
+    A collector that asks to retry (429, 502, 503, 504, as OTLP/HTTP says) or cannot be reached gets
+    the spans again later: they go back to the front of the queue and the export waits (the
+    collector's Retry-After, else 0.5 s doubling to `max_backoff_s`); a collector briefly overloaded
+    or restarting costs nothing. Other answers (400, 413) would fail again: those spans are counted
+    lost. Whatever the queue cannot hold is dropped and counted, and `aclose()` tries once more.
+
     `start()` and `aclose()` run on the loop (the gateway's lifespan); spans ended before
     `start()` wait in the queue, and past `max_queue` they are dropped and counted.
     """
 
+    RETRYABLE = frozenset({429, 502, 503, 504})
+
     def __init__(self, endpoint: str, stats: ExportStats | None = None, *, max_queue: int = 16_384,
                  batch_spans: int = 2048, delay_s: float = 0.5, slice_spans: int = 16,
-                 timeout_s: float = 5.0, max_body_bytes: int = 4 * 1024**2) -> None:
+                 timeout_s: float = 5.0, max_body_bytes: int = 4 * 1024**2, max_backoff_s: float = 5.0) -> None:
         self.url = endpoint.rstrip("/") + "/v1/traces"
         self.stats = stats or ExportStats()
         self.max_queue, self.batch_spans, self.delay_s = max_queue, batch_spans, delay_s
@@ -138,6 +151,9 @@ class LoopSpanProcessor(SpanProcessor):
         self._task: asyncio.Task[None] | None = None
         self._session: Any = None
         self._closing = False
+        self.max_backoff_s = max_backoff_s
+        self._backoff_s = 0.0      # the last wait; 0 after a success
+        self._retry_at = 0.0       # loop time before which nothing is sent
 
     # -------------------------------------------------------------- SpanProcessor (any thread)
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
@@ -169,26 +185,31 @@ class LoopSpanProcessor(SpanProcessor):
         self._task = asyncio.create_task(self._run(), name="fleetlens-span-export")
 
     async def _run(self) -> None:
-        assert self._wake is not None
+        assert self._wake is not None and self._loop is not None
         while not self._closing:
+            wait = max(self.delay_s, self._retry_at - self._loop.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.delay_s)
+                await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
             await self.flush()
         await self.flush()  # closing: what ended since
 
     async def flush(self) -> None:
-        """Send everything queued now, a batch at a time."""
-        while self._queue:
-            await self._export_batch()
+        """Send everything queued now, a batch at a time; stops early while the collector asked to wait
+        (the spans stay queued)."""
+        while self._queue and (self._closing or self._loop is None or self._loop.time() >= self._retry_at):
+            if not await self._export_batch():
+                return
 
-    async def _export_batch(self) -> None:
+    async def _export_batch(self) -> bool:
+        """Send one batch; False when the collector asked to retry (the unsent spans are queued again)."""
         from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
         count = min(len(self._queue), self.batch_spans)
         batch = [self._queue.popleft() for _ in range(count)]
         parts: list[bytes] = []
-        in_parts = size = 0
+        pending: list[ReadableSpan] = []  # the spans in `parts`
+        size = 0
         for start in range(0, count, self.slice_spans):
             piece = batch[start:start + self.slice_spans]
             try:
@@ -197,17 +218,23 @@ class LoopSpanProcessor(SpanProcessor):
                 log.debug("span encoding failed: %s", error)
                 self.stats.add(False, len(piece))
                 continue
-            in_parts += len(piece)
+            pending += piece
             size += len(parts[-1])
             if size >= self.max_body_bytes:  # a collector refuses bodies over its limit (16 MiB by default)
-                await self._post(parts, in_parts)
-                parts, in_parts, size = [], 0, 0
+                if not await self._post(parts, pending):
+                    self._requeue(pending + batch[start + self.slice_spans:])
+                    return False
+                parts, pending, size = [], [], 0
             await asyncio.sleep(0)  # let waiting requests run between slices
-        if parts:
-            await self._post(parts, in_parts)
+        if parts and not await self._post(parts, pending):
+            self._requeue(pending)
+            return False
+        return True
 
-    async def _post(self, parts: list[bytes], count: int) -> None:
-        ok = False
+    async def _post(self, parts: list[bytes], spans: list[ReadableSpan]) -> bool:
+        """POST the parts; True when done with these spans (sent, or refused for good: counted lost),
+        False when the collector should get them again later (not counted yet)."""
+        ok, retry_after = False, None
         try:  # counted once, whatever happens (cancellation included)
             async with self._session.post(self.url, data=b"".join(parts),
                                           headers={"Content-Type": "application/x-protobuf"}) as response:
@@ -215,10 +242,40 @@ class LoopSpanProcessor(SpanProcessor):
                 ok = response.status == 200
                 if not ok:
                     log.debug("span export: collector answered %s", response.status)
+                    if response.status in self.RETRYABLE:
+                        retry_after = _seconds(response.headers.get("Retry-After"))
+                        retry_after = -1.0 if retry_after is None else retry_after
+        except asyncio.CancelledError:  # aclose() gave up waiting: these spans are lost, counted
+            self.stats.add(False, len(spans))
+            raise
         except Exception as error:  # noqa: BLE001 - a collector that is down or slow costs spans, never requests
             log.debug("span export failed: %s", error)
-        finally:
-            self.stats.add(ok, count)
+            retry_after = -1.0
+        if retry_after is not None and not self._closing:
+            self._back_off(retry_after)
+            self.stats.retry(len(spans))
+            return False
+        self.stats.add(ok, len(spans))
+        if ok:
+            self._backoff_s = 0.0
+        return True
+
+    def _back_off(self, retry_after: float) -> None:
+        """Wait the collector's Retry-After (at most max_backoff_s), else twice the last wait."""
+        if retry_after >= 0:
+            self._backoff_s = min(retry_after, self.max_backoff_s)
+        else:
+            self._backoff_s = min(max(0.5, self._backoff_s * 2), self.max_backoff_s)
+        assert self._loop is not None
+        self._retry_at = self._loop.time() + self._backoff_s
+
+    def _requeue(self, spans: list[ReadableSpan]) -> None:
+        """Put unsent spans back at the front, in order; what no longer fits is dropped and counted."""
+        room = max(0, self.max_queue - len(self._queue))
+        kept = spans[:room]
+        self._queue.extendleft(reversed(kept))
+        if len(spans) > len(kept):
+            self.stats.drop(len(spans) - len(kept))
 
     async def aclose(self, timeout_s: float = 5.0) -> None:
         """Send what is left (for at most `timeout_s`; what is not sent by then is counted lost)."""
@@ -245,3 +302,11 @@ def loop_tracer_provider(endpoint: str, *, service_name: str = GATEWAY_SERVICE,
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     provider.add_span_processor(processor)
     return provider, processor
+
+
+def _seconds(header: str | None) -> float | None:
+    """A Retry-After in seconds (the collector sends seconds; an HTTP date is not used here)."""
+    try:
+        return max(0.0, float(header)) if header else None
+    except ValueError:
+        return None

@@ -1,6 +1,6 @@
 """The gateway's span export (`LoopSpanProcessor`): batches encoded on the event loop in slices and
-sent as one OTLP/HTTP request; a collector that is down or a full queue costs spans, counted, never
-requests. The wire format is checked by parsing what a real HTTP server received; the gateway
+sent as one OTLP/HTTP request; a collector that asks to retry or is down gets them again later; one
+that refuses for good, a full queue or a shutdown costs spans, counted, never requests. The wire format is checked by parsing what a real HTTP server received; the gateway
 process with its collector down is checked end to end."""
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ class Receiver:
 async def receiving(status: int = 200) -> AsyncIterator[Receiver]:
     receiver = Receiver(status)
     app = web.Application()
-    app.router.add_post("/v1/traces", receiver.handle)
+    async def handle(request: web.Request) -> web.Response:
+        return await receiver.handle(request)  # looked up per request: a test may swap the handler
+
+    app.router.add_post("/v1/traces", handle)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
@@ -124,24 +127,59 @@ async def test_the_export_task_sends_on_its_own_and_aclose_sends_the_rest() -> N
 
 
 @run_async
-async def test_a_collector_that_is_down_costs_spans_counted() -> None:
+async def test_a_collector_that_is_down_keeps_the_spans_queued_and_aclose_counts_them_lost() -> None:
     provider, processor = loop_tracer_provider(f"http://127.0.0.1:{free_port()}")  # nothing listens there
     await processor.start()
     end_spans(provider, 7)
     await processor.flush()
+    assert processor.stats.retried_spans == 7 and processor.stats.failed_spans == 0
+    assert len(processor._queue) == 7  # waiting for the next try, in order
+    await processor.flush()  # backing off: no new attempt yet
+    assert processor.stats.retried_spans == 7
+    await processor.aclose()  # one last try, then they are lost, counted
     assert processor.stats.failed_spans == 7 and processor.stats.exported_spans == 0
-    await processor.aclose()
 
 
 @run_async
-async def test_a_collector_that_refuses_costs_spans_counted() -> None:
-    async with receiving(status=503) as receiver:
+async def test_a_collector_that_refuses_for_good_costs_spans_counted() -> None:
+    async with receiving(status=400) as receiver:
         provider, processor = loop_tracer_provider(receiver.url)
         await processor.start()
         end_spans(provider, 4)
         await processor.flush()
         assert len(receiver.bodies) == 1
         assert processor.stats.failed_spans == 4 and processor.stats.exported_spans == 0
+        assert processor.stats.retried_spans == 0
+        await processor.aclose()
+
+
+@run_async
+async def test_an_overloaded_collector_gets_the_spans_again_after_its_retry_after() -> None:
+    """503 + Retry-After (the collector's answer when busy or its spool is full), twice, then 200:
+    every span arrives once, in order, none counted lost, and the export waited as told."""
+    async with receiving() as receiver:
+        answers = [503, 503]
+        handle = receiver.handle
+
+        async def overloaded(request: web.Request) -> web.Response:
+            if answers:
+                await request.read()
+                return web.Response(status=answers.pop(0), headers={"Retry-After": "0.2"})
+            return await handle(request)
+
+        receiver.handle = overloaded  # type: ignore[method-assign]
+        provider, processor = loop_tracer_provider(receiver.url)
+        processor.delay_s = 0.05
+        await processor.start()
+        started = asyncio.get_running_loop().time()
+        end_spans(provider, 10)
+        await until(lambda: processor.stats.exported_spans == 10)
+        assert asyncio.get_running_loop().time() - started >= 0.4  # two waits of the Retry-After
+        assert [name for _, name in receiver.spans()] == [f"stage-{i}" for i in range(9)] + ["root"]
+        assert processor.stats.retried_spans == 20 and processor.stats.failed_spans == 0
+        end_spans(provider, 2)  # after a success, no waiting
+        await processor.flush()
+        assert processor.stats.exported_spans == 12
         await processor.aclose()
 
 
@@ -158,7 +196,7 @@ async def test_past_the_queue_limit_spans_are_dropped_and_counted() -> None:
         assert processor.stats.exported_spans == 5 and len(receiver.spans()) == 5
 
 
-def test_the_gateway_answers_with_its_collector_down_and_counts_the_loss(tmp_path: Path) -> None:
+def test_the_gateway_answers_with_its_collector_down_and_keeps_its_spans_for_a_retry(tmp_path: Path) -> None:
     upstream = StubServer(StubConfig(model="small-served")).start()
     (tmp_path / "models.yaml").write_text(stub_models_yaml(small=[upstream.url]))
     (tmp_path / "routes.yaml").write_text("default: chat\nfeatures:\n  chat:\n    model: small\n")
@@ -172,12 +210,12 @@ def test_the_gateway_answers_with_its_collector_down_and_counts_the_loss(tmp_pat
                 response = httpx.post(base + "/v1/chat/completions", json=body, headers=headers, timeout=10)
                 assert response.status_code == 200 and response.text.rstrip().endswith("data: [DONE]")
 
-            def lost() -> float:
+            def counter(name: str) -> float:
                 text = httpx.get(base + "/metrics", timeout=5).text
-                line = next(line for line in text.splitlines() if line.startswith("fleetlens_gateway_spans_dropped"))
+                line = next(line for line in text.splitlines() if line.startswith(f"fleetlens_gateway_{name}_total"))
                 return float(line.split()[-1])
 
-            wait_for(lambda: lost() >= 3 * 6, timeout_s=10)
-            assert "fleetlens_gateway_spans_exported_total 0.0" in httpx.get(base + "/metrics", timeout=5).text
+            wait_for(lambda: counter("spans_retried") >= 3 * 6, timeout_s=10)  # every span tried, kept for later
+            assert counter("spans_exported") == 0 and counter("spans_dropped") == 0
     finally:
         upstream.stop()
