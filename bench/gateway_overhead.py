@@ -11,7 +11,9 @@ What runs (every child in its own process group on loopback ports, always stoppe
   chunk + [DONE] as fast as it can (`--tokens-per-s` paces them instead);
 - `fleetlens gateway` (one uvicorn process) with tracing ON: spans go over OTLP/HTTP to a real
   `fleetlens collector`, which writes them to an embedded warehouse (`fleetlens warehouse serve`),
-  as in the end-to-end tests; all three run on this machine, so their CPU is part of the cost;
+  as in the end-to-end tests; all three run on this machine, so their CPU is part of the cost
+  (`--spans-to discard`: to a sink that drops them instead — the gateway's own tracing cost without
+  a co-located collector's and warehouse's CPU bursts; a production collector runs elsewhere);
 - LiteLLM's proxy (`litellm[proxy]==1.106.2` in a throwaway venv, `--litellm-venv`, created when
   missing): one model `openai/stub-model` pointing at the stub, no database, logging off, one worker.
 
@@ -165,12 +167,45 @@ def start_upstream(stack: Stack, args: argparse.Namespace) -> str:
     return url
 
 
-def start_gateway(stack: Stack, upstream: str, tracing: bool = True) -> tuple[str, str, Child, list[Child]]:
-    """Warehouse + schema + collector + gateway (tracing to the collector); returns URL, key, gateway, collector."""
+# A span sink for `--spans-to discard`: answers every OTLP/HTTP POST 200 and keeps nothing. It separates
+# what the gateway's own tracing costs from the CPU a collector + warehouse on the same two cores take.
+SINK = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Sink(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+"""
+
+
+def start_span_sink(stack: Stack) -> tuple[str, list[Child]]:
+    port = free_port()
+    sink = stack.add(Child("span sink", [sys.executable, "-c", SINK, str(port)], stack.work / "sink.log"))
+    if not wait_http(f"http://127.0.0.1:{port}/health", 30, alive=lambda: sink.alive):
+        raise RuntimeError(f"span sink did not start: {sink.tail()}")
+    return f"http://127.0.0.1:{port}", [sink]
+
+
+def start_span_collector(stack: Stack) -> tuple[str, list[Child]]:
+    """Warehouse + schema + collector; returns the collector's OTLP/HTTP base URL and the two children."""
     import clickhouse_connect
 
     from fleetlens.schema import RenderOptions, migrate
-    from fleetlens.serving.keys import generate_key
 
     work = stack.work
     wh_port = free_port()
@@ -188,6 +223,17 @@ def start_gateway(stack: Stack, upstream: str, tracing: bool = True) -> tuple[st
                                 work / "collector.log", env))
     if not wait_http(f"http://127.0.0.1:{http_port}/health", 60, alive=lambda: collector.alive):
         raise RuntimeError(f"collector did not start: {collector.tail()}")
+    return f"http://127.0.0.1:{http_port}", [collector, warehouse]
+
+
+def start_gateway(stack: Stack, upstream: str, tracing: bool = True,
+                  spans_to: str = "collector") -> tuple[str, str, Child, list[Child]]:
+    """The span receiver (collector + warehouse, or a discarding sink) and the gateway tracing to it;
+    returns URL, key, gateway, the receiver's children."""
+    from fleetlens.serving.keys import generate_key
+
+    work = stack.work
+    spans_url, receivers = start_span_sink(stack) if spans_to == "discard" else start_span_collector(stack)
     (work / "models.yaml").write_text(textwrap.dedent(f"""\
         models:
           stub:
@@ -202,8 +248,7 @@ def start_gateway(stack: Stack, upstream: str, tracing: bool = True) -> tuple[st
     key, digest = generate_key()
     (work / "keys.yaml").write_text(f"- {{id: bench, customer: bench, hash: '{digest}', feature: chat}}\n")
     port = free_port()
-    env = {"FLEETLENS_GATEWAY__OTLP_ENDPOINT": f"http://127.0.0.1:{http_port}",
-           "FLEETLENS_DATA_DIR": str(work / "gateway")}
+    env = {"FLEETLENS_GATEWAY__OTLP_ENDPOINT": spans_url, "FLEETLENS_DATA_DIR": str(work / "gateway")}
     if not tracing:  # diagnosis only: the SDK hands out no-op tracers, nothing is exported
         env["OTEL_SDK_DISABLED"] = "true"
     gateway = Child("gateway", fleetlens("gateway", "--port", str(port), "--models", str(work / "models.yaml"),
@@ -213,7 +258,7 @@ def start_gateway(stack: Stack, upstream: str, tracing: bool = True) -> tuple[st
     url = f"http://127.0.0.1:{port}"
     if not wait_http(url + "/health", 60, alive=lambda: gateway.alive):
         raise RuntimeError(f"gateway did not start: {gateway.tail()}")
-    return url, key, gateway, [collector, warehouse]
+    return url, key, gateway, receivers
 
 
 def ensure_litellm(venv: Path) -> Path:
@@ -500,6 +545,9 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--gateway-tracing", action=argparse.BooleanOptionalAction, default=True,
                         help="--no-gateway-tracing: diagnosis only, the gateway exports no spans")
+    parser.add_argument("--spans-to", choices=("collector", "discard"), default="collector",
+                        help="where the gateway's spans go: a real collector + warehouse on this machine (default), "
+                             "or a sink that discards them (the gateway's own tracing cost, without theirs)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",") if c]
@@ -517,7 +565,8 @@ def main() -> int:
     try:
         with console.status("starting upstream, warehouse, collector, gateway..."):
             upstream = start_upstream(stack, args)
-            gw_url, key, gateway, tracing = start_gateway(stack, upstream, tracing=args.gateway_tracing)
+            gw_url, key, gateway, tracing = start_gateway(stack, upstream, tracing=args.gateway_tracing,
+                                                          spans_to=args.spans_to)
         body = {"model": MODEL, "stream": True, "max_tokens": args.completion_tokens,
                 "stream_options": {"include_usage": True},
                 "messages": [{"role": "user", "content": "how much does a token cost on this fleet"}]}
