@@ -488,8 +488,8 @@ def _demo_serving(settings: Settings) -> "ServingSetup":
 
     console.print("demo models: training (first run only, a few minutes) or reusing the cached build")
     try:
-        with _demo_bar() as bar:
-            built = make_demo(settings.data_dir / "models" / "demo", progress=_demo_progress(bar))
+        with demo_models_bar() as bar:
+            built = make_demo(settings.data_dir / "models" / "demo", progress=demo_models_progress(bar))
     except DemoBuildError as error:
         err_console.print(f"[red]{error}[/red]")
         raise typer.Exit(1) from None
@@ -510,9 +510,9 @@ def models_make_demo(
     from fleetlens.serving.demo_models import DemoBuildError, make_demo
 
     out_dir = out or _settings().data_dir / "models" / "demo"
-    with _demo_bar() as bar:
+    with demo_models_bar() as bar:
         try:
-            built = make_demo(out_dir, seed=seed, threads=threads, force=force, progress=_demo_progress(bar),
+            built = make_demo(out_dir, seed=seed, threads=threads, force=force, progress=demo_models_progress(bar),
                               serving_python=serving_python)
         except DemoBuildError as error:
             err_console.print(f"[red]{error}[/red]")
@@ -528,7 +528,7 @@ def models_make_demo(
     console.print(f"registry: {built.models_yaml}")
 
 
-def _demo_progress(bar: Progress) -> Callable[[dict], None]:
+def demo_models_progress(bar: Progress) -> Callable[[dict], None]:
     """Renders train.py's step events (one bar per model) on `bar`."""
     tasks: dict[str, int] = {}
 
@@ -541,9 +541,10 @@ def _demo_progress(bar: Progress) -> Callable[[dict], None]:
     return on_event
 
 
-def _demo_bar() -> Progress:
+def demo_models_bar(on: Console | None = None) -> Progress:
+    """One bar per demo model while `make_demo` trains (fed by `demo_models_progress`)."""
     return Progress(TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("{task.fields[info]}"), console=console, transient=True)
+                    TextColumn("{task.fields[info]}"), console=on or console, transient=True)
 
 
 @app.command()

@@ -82,6 +82,7 @@ class Demo:
         self.stack = Stack()
         self.outcome = DemoOutcome()
         self.started = time.monotonic()
+        self.api_keys: dict[str, str] = {}  # customer -> key, made with the gateway's files
 
     # ------------------------------------------------------------------ phases
     def run(self) -> DemoOutcome:
@@ -110,22 +111,14 @@ class Demo:
         self.console.print(f"[dim]{name}: {self.outcome.timings_s[name]:.0f} s[/dim]")
 
     def build_models(self) -> None:
+        from .cli import demo_models_bar, demo_models_progress
         from .serving.demo_models import DemoBuildError, make_demo
 
-        columns = (TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-        tasks: dict[str, Any] = {}
-        with Progress(*columns, console=self.console, transient=True) as bar:
-            def on_event(event: dict) -> None:
-                if event.get("event") == "step":
-                    if event["model"] not in tasks:
-                        tasks[event["model"]] = bar.add_task(event["model"], total=event["steps"], info="")
-                    bar.update(tasks[event["model"]], completed=event["step"], info=f"loss {event['loss']:.3f}")
-
-            try:
-                built = make_demo(DEMO_MODELS, progress=on_event)
-            except DemoBuildError as error:
-                raise DemoError(str(error)) from None
+        try:
+            with demo_models_bar(self.console) as bar:
+                built = make_demo(DEMO_MODELS, progress=demo_models_progress(bar))
+        except DemoBuildError as error:
+            raise DemoError(str(error)) from None
         accuracy = {name: entry["accuracy"] for name, entry in built.manifest["models"].items()}
         self.console.print(f"{'reused' if built.cached else 'trained'} {len(accuracy)} demo checkpoints in "
                            f"{built.out_dir}: " + ", ".join(f"{n} {a['hard']:.0%}" for n, a in accuracy.items())
@@ -137,6 +130,7 @@ class Demo:
 
         settings = self.settings
         files = prepare_files(settings, FLEET / "models.yaml", routes=FLEET / "routes.yaml", customers=CUSTOMERS)
+        self.api_keys = files.api_keys
         setup = launch.ServingSetup(env=files.env(), replicas=REPLICAS,
                                     key_hint=str(settings.data_dir / "gateway" / "demo-api-key"))
         rows: list[launch.Row] = []
@@ -165,10 +159,8 @@ class Demo:
 
     def drive_load(self) -> None:
         from .serving import loadgen
-        from .serving.up import customer_keys
 
-        keys = customer_keys(self.settings.data_dir / "gateway", CUSTOMERS)
-        mix = with_keys(loadgen.load_mix(TRAFFIC), keys)
+        mix = with_keys(loadgen.load_mix(TRAFFIC), self.api_keys)
         planned = loadgen.plan(mix, rate=self.options.rate, duration_s=self.options.minutes * 60)
         self.console.print(f"{len(planned)} requests over {self.options.minutes:g} min "
                            f"({', '.join(c.name for c in mix.customers)}; features "

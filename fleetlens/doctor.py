@@ -440,8 +440,6 @@ def _is_fleetlens_component(holder: _Holder, use: PortUse, settings: Settings) -
     return False
 
 
-
-
 def _probe_component(use: PortUse, settings: Settings) -> str | None:
     """What answers on the port when it is this FleetLens component: a description, else None."""
     import httpx

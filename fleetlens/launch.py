@@ -113,25 +113,22 @@ class ServingLaunch:
 
     def wait(self, on_wait: Callable[[str], None] = lambda _: None) -> list[Row]:
         """Until every replica is registered and the gateway routes to it; the summary rows."""
-        from .serving.registration import ReplicaDirectory
+        from .serving.registration import ReplicaDirectory, wait_registered
 
         settings, names, logs = self.settings, set(self.setup.replicas), logs_dir(self.settings)
-        directory = ReplicaDirectory(settings.replicas_path)
-        deadline = self.started + settings.replica.ready_timeout_s
-        while True:
-            records = [r for r in directory.records() if r.name in names]
-            if {r.name for r in records} == names:
-                break
+
+        def check() -> None:
             dead = next((c for c in self.launchers if not c.alive), None)
             if dead is not None:
                 raise LaunchError(f"{dead.name} exited while loading; see {dead.log_path} and "
                                   f"{logs}/replica-{dead.name.removeprefix('replica ')}.log")
-            if time.monotonic() > deadline:
-                missing = sorted(names - {r.name for r in records})
-                raise LaunchError(f"replicas not ready after {settings.replica.ready_timeout_s:.0f} s: "
-                                  f"{', '.join(missing)}; see {logs}/launcher-*.log and replica-*.log")
             on_wait(f"loading the replicas ({time.monotonic() - self.started:.0f} s; vLLM starts in 25-60 s on CPU)")
-            time.sleep(0.5)
+
+        remaining = self.started + settings.replica.ready_timeout_s - time.monotonic()
+        try:
+            records = wait_registered(ReplicaDirectory(settings.replicas_path), names, max(0.0, remaining), check)
+        except TimeoutError as error:
+            raise LaunchError(f"{error}; see {logs}/launcher-*.log and replica-*.log") from None
         # ready means routable: the gateway reads the replica directory every second
         base = gateway_url(settings)
         deadline = time.monotonic() + 30

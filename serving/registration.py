@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -136,13 +137,17 @@ def sync_pools(pools: Pools, records: list[ReplicaRecord]) -> tuple[int, int]:
     return added, removed
 
 
-def wait_registered(directory: ReplicaDirectory, names: set[str], timeout_s: float) -> list[ReplicaRecord]:
-    """Block until every replica in `names` is registered (for scripts and tests)."""
+def wait_registered(directory: ReplicaDirectory, names: set[str], timeout_s: float,
+                    check: Callable[[], None] | None = None) -> list[ReplicaRecord]:
+    """Block until every replica in `names` is registered; `check` runs between polls (it may raise,
+    e.g. when a launcher died, or report progress). TimeoutError names the missing replicas."""
     deadline = time.monotonic() + timeout_s
     while True:
         records = [r for r in directory.records() if r.name in names]
         if {r.name for r in records} == names:
             return records
+        if check is not None:
+            check()
         if time.monotonic() > deadline:
             missing = sorted(names - {r.name for r in records})
             raise TimeoutError(f"replicas not registered after {timeout_s:.0f} s: {', '.join(missing)}")

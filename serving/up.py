@@ -36,7 +36,7 @@ class ServingFiles:
     models: Path
     routes: Path
     keys: Path
-    api_key: str
+    api_keys: dict[str, str]  # customer -> key (in clear; the gateway reads only the hashes in `keys`)
 
     def env(self) -> dict[str, str]:
         """What the gateway and replica processes need to find these files."""
@@ -65,8 +65,7 @@ def prepare_files(settings: Settings, models_yaml: Path, *, routes: Path | None 
         routes = directory / "routes.yaml"
         if not routes.exists():
             shutil.copyfile(DEMO_ROUTES, routes)
-    keys = customer_keys(directory, customers)
-    return ServingFiles(models_yaml, routes, directory / "keys.yaml", keys[customers[0]])
+    return ServingFiles(models_yaml, routes, directory / "keys.yaml", customer_keys(directory, customers))
 
 
 def customer_keys(directory: Path, customers: tuple[str, ...]) -> dict[str, str]:
@@ -75,7 +74,7 @@ def customer_keys(directory: Path, customers: tuple[str, ...]) -> dict[str, str]
     uses by default), `api-keys/<customer>` for the others. Re-running adds missing customers only."""
     keys_yaml = directory / "keys.yaml"
     entries = (yaml.safe_load(keys_yaml.read_text()) or []) if keys_yaml.exists() else []
-    known = {entry["id"] for entry in entries}
+    known, changed = {entry["id"] for entry in entries}, not keys_yaml.exists()
     keys: dict[str, str] = {}
     for index, customer in enumerate(customers):
         key_id = "demo" if index == 0 else customer
@@ -83,11 +82,14 @@ def customer_keys(directory: Path, customers: tuple[str, ...]) -> dict[str, str]
         if key_id not in known or not key_file.exists():
             key, digest = generate_key()
             entries = [e for e in entries if e["id"] != key_id] + [{"id": key_id, "customer": customer, "hash": digest}]
+            changed = True
             key_file.parent.mkdir(parents=True, exist_ok=True)
             key_file.touch(mode=0o600)
             key_file.write_text(key + "\n")
         os.chmod(key_file, 0o600)
         keys[customer] = key_file.read_text().strip()
-    keys_yaml.write_text("# Made by `fleetlens up` / `fleetlens demo`: demo keys, stored hashed (the keys are in\n"
-                         "# demo-api-key and api-keys/<customer>, mode 0600).\n" + yaml.safe_dump(entries, sort_keys=False))
+    if changed:  # the gateway watches keys.yaml: rewrite it only when a key is new
+        keys_yaml.write_text("# Made by `fleetlens up` / `fleetlens demo`: demo keys, stored hashed (the keys are in\n"
+                             "# demo-api-key and api-keys/<customer>, mode 0600).\n"
+                             + yaml.safe_dump(entries, sort_keys=False))
     return keys

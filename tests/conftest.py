@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +206,32 @@ def run_async(test):
         return asyncio.run(test(*args, **kwargs))
 
     return wrapper
+
+
+@dataclass
+class Output:
+    """The output of a foreground command (`fleetlens up`, `fleetlens demo`) read line by line by a
+    thread, so the test can wait for a line while the command keeps running."""
+
+    process: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.process.stdout.readline, "")),
+                                       daemon=True)
+        self.reader.start()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, needle: str, timeout_s: float, interval_s: float = 0.2, tail: int | None = None) -> str:
+        """Until a line contains `needle` (fails if the command exits first); returns the output so far."""
+        deadline = time.monotonic() + timeout_s
+        while not any(needle in line for line in self.lines):
+            assert time.monotonic() < deadline and self.process.poll() is None, self.text[-tail:] if tail else self.text
+            time.sleep(interval_s)
+        return self.text
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 30.0, interval_s: float = 0.1) -> object:

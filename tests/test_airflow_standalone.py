@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import psutil
 import pytest
 
-from conftest import child_env, free_port
+from conftest import Output, child_env, free_port
 from fleetlens.stack import session_members
 from test_cli_up import _kill_tree
 from test_dags import share_dbt_manifests
@@ -43,16 +42,10 @@ def test_up_with_airflow_serves_the_dags_and_stops_without_orphans(tmp_path):
     up = subprocess.Popen([sys.executable, "-m", "fleetlens", "up", "--port", str(port), "--no-serving", "--airflow"],
                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True)
-    reader.start()
+    stdout = Output(up)
     base = f"http://127.0.0.1:{airflow_port}"
     try:
-        deadline = time.monotonic() + 150
-        while not any("Press Ctrl-C" in line for line in lines):
-            assert time.monotonic() < deadline and up.poll() is None, "".join(lines)
-            time.sleep(0.2)
-        output = "".join(lines)
+        output = stdout.wait_for("Press Ctrl-C", 150)
         assert f"airflow (UI, API) │ {base}" in output, output
         password_file = data / "airflow" / "simple_auth_manager_passwords.json.generated"
         password = json.loads(password_file.read_text())["admin"]
@@ -97,8 +90,8 @@ def test_up_with_airflow_serves_the_dags_and_stops_without_orphans(tmp_path):
         assert len(started) >= 4, started  # standalone, scheduler, dag-processor, api-server, ...
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)
-        reader.join(timeout=10)
-        assert up.returncode == 0, "".join(lines)
+        stdout.reader.join(timeout=10)
+        assert up.returncode == 0, stdout.text
         _, alive = psutil.wait_procs(started, timeout=10)
         assert not alive, alive
         assert not session_members(started[0].pid)

@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import psutil
 import pytest
 
-from conftest import child_env, free_port
+from conftest import Output, child_env, free_port
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 
@@ -29,14 +28,9 @@ def test_up_then_signal_leaves_no_process(tmp_path, sig):
                           cwd=tmp_path, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True)
-    reader.start()
+    stdout = Output(up)
     try:
-        deadline = time.monotonic() + 90
-        while not any("Press Ctrl-C" in line for line in lines):
-            assert time.monotonic() < deadline and up.poll() is None, "".join(lines)
-            time.sleep(0.2)
+        stdout.wait_for("Press Ctrl-C", 90)
         count = httpx.post(f"http://127.0.0.1:{port}/", content=b"SELECT count() FROM system.tables "
                            b"WHERE database = 'fleetlens' AND name = 'otel_traces'").text
         assert count == "1\n"
@@ -54,13 +48,13 @@ def test_up_then_signal_leaves_no_process(tmp_path, sig):
             time.sleep(0.2)
         # the dashboards answer (what they show is tested in test_dashboards_*.py)
         assert httpx.get(f"http://127.0.0.1:{dashboards_port}/_stcore/health").text == "ok"
-        assert f"http://127.0.0.1:{dashboards_port}/" in "".join(lines)
+        assert f"http://127.0.0.1:{dashboards_port}/" in stdout.text
         children = psutil.Process(up.pid).children(recursive=True)
         assert children, "up started no child process"
         up.send_signal(sig)
         up.wait(timeout=60)
-        reader.join(timeout=10)
-        output = "".join(lines)
+        stdout.reader.join(timeout=10)
+        output = stdout.text
         assert up.returncode == 0, output
         assert "FleetLens is up" in output and "stopping" in output
         gone, alive = psutil.wait_procs(children, timeout=10)
@@ -96,15 +90,9 @@ def test_up_with_serving_starts_gateway_and_demo_replicas(tmp_path, demo_models)
     up = subprocess.Popen([sys.executable, "-m", "fleetlens", "up", "--port", str(port), "--serving",
                            "--no-dashboards"], cwd=tmp_path,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True)
-    reader.start()
+    stdout = Output(up)
     try:
-        deadline = time.monotonic() + 120
-        while not any("Press Ctrl-C" in line for line in lines):
-            assert time.monotonic() < deadline and up.poll() is None, "".join(lines)
-            time.sleep(0.2)
-        output = "".join(lines)
+        output = stdout.wait_for("Press Ctrl-C", 120)
         assert "replica demo-small-0" in output and "replica demo-large-0" in output, output
         key = (data / "gateway" / "demo-api-key").read_text().strip()
         assert oct((data / "gateway" / "demo-api-key").stat().st_mode & 0o777) == "0o600"
@@ -117,7 +105,7 @@ def test_up_with_serving_starts_gateway_and_demo_replicas(tmp_path, demo_models)
         children = psutil.Process(up.pid).children(recursive=True)
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)
-        assert up.returncode == 0, "".join(lines)
+        assert up.returncode == 0, stdout.text
         gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, alive
         assert not list((data / "replicas").glob("*.json"))  # replicas deregistered on the way out

@@ -13,14 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import child_env, free_port
+from conftest import Output, child_env, free_port
 from test_cli_up import _kill_tree
 
 pytestmark = pytest.mark.slow
@@ -54,15 +52,9 @@ def test_demo_runs_the_fleet_end_to_end_and_ctrl_c_leaves_nothing_behind(tmp_pat
     demo = subprocess.Popen([sys.executable, "-m", "fleetlens", "demo", "--minutes", "1", "--json-out", str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(demo.stdout.readline, "")), daemon=True)
-    reader.start()
+    stdout = Output(demo)
     try:
-        deadline = time.monotonic() + 1500
-        while not any("Press Ctrl-C" in line for line in lines):
-            assert time.monotonic() < deadline and demo.poll() is None, "".join(lines)[-8000:]
-            time.sleep(1)
-        output = "".join(lines)
+        output = stdout.wait_for("Press Ctrl-C", 1500, interval_s=1, tail=8000)
         outcome = json.loads(out.read_text())
 
         load, kpis, marts, gate = outcome["load"], outcome["kpis"], outcome["marts"], outcome["gate"]
@@ -95,8 +87,8 @@ def test_demo_runs_the_fleet_end_to_end_and_ctrl_c_leaves_nothing_behind(tmp_pat
             assert part in names, (part, names)
         os.killpg(demo.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
         demo.wait(timeout=180)
-        reader.join(timeout=10)
-        assert demo.returncode == 0, "".join(lines)[-4000:]
+        stdout.reader.join(timeout=10)
+        assert demo.returncode == 0, stdout.text[-4000:]
         _, alive = psutil.wait_procs(started, timeout=15)
         assert not alive, alive
         assert not _started_by(data)
