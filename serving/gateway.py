@@ -22,12 +22,14 @@ Also served: `/tokenize`, `/detokenize`, `/tokenizer_info` relayed to a replica 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -382,8 +384,7 @@ class Gateway:
                                                       sc.REQUEST_MODEL: model, sc.REPLICA: upstream.replica,
                                                       sc.ATTEMPT: number,
                                                       sc.MODEL_VARIANT: config.registry.models[model].variant,
-                                                      sc.SERVER_ADDRESS: httpx.URL(upstream.base_url).host,
-                                                      sc.SERVER_PORT: httpx.URL(upstream.base_url).port or 80})
+                                                      **_server_attributes(upstream.base_url)})
             headers = {"content-type": "application/json"}
             propagate.inject(headers, context=trace.set_span_in_context(span))
             upstream_body = dict(body, model=config.registry.served_name(model))
@@ -479,9 +480,20 @@ class Gateway:
             await self._postprocess(root, ctx, key_id, estimate, model, usage, finish, 200 if ok else 499)
 
     # ------------------------------------------------------------------ spans
-    def _stage(self, name: str, ctx: Any) -> Any:
-        return self.tracer.start_as_current_span(name, context=ctx, kind=SpanKind.INTERNAL,
-                                                 attributes={sc.STAGE: name})
+    @contextlib.contextmanager
+    def _stage(self, name: str, ctx: Any) -> Iterator[Span]:
+        """A stage's span, a child of the request's root in `ctx`. Not made the current span: nothing
+        inside a stage reads the current context, and attaching it costs every request; an
+        exception that leaves the stage is recorded on it and sets it ERROR, as `use_span` does."""
+        span = self.tracer.start_span(name, context=ctx, kind=SpanKind.INTERNAL, attributes={sc.STAGE: name})
+        try:
+            yield span
+        except Exception as error:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            raise
+        finally:
+            span.end()
 
     def _close_attempt(self, span: Span, upstream: Upstream, ok: bool, model: str,
                        usage: dict[str, Any] | None = None, finish: list[str] | None = None,
@@ -689,6 +701,13 @@ def _check_output(check: OutputCheck, payload: dict[str, Any]) -> CheckResult:
                 return CheckResult(check.kind, False, "schema_violation",
                                    f"at {problem.json_path}: {problem.message[:300]}")
     return CheckResult(check.kind, True)
+
+
+@functools.lru_cache(maxsize=1024)
+def _server_attributes(base_url: str) -> dict[str, Any]:
+    """server.address / server.port of an upstream, parsed once per replica URL."""
+    url = httpx.URL(base_url)
+    return {sc.SERVER_ADDRESS: url.host, sc.SERVER_PORT: url.port or (443 if url.scheme == "https" else 80)}
 
 
 def _retry_after(value: str | None) -> float:

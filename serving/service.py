@@ -8,12 +8,15 @@ run in the background; spans go to the collector in batches and are never waited
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import gc
+import importlib
 import logging
 import random
 from collections.abc import AsyncIterator
 
+import anyio
 import uvicorn
 
 from fleetlens.config import ConfigError, GatewaySettings, Settings
@@ -96,11 +99,11 @@ def run(settings: Settings) -> None:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: object) -> AsyncIterator[None]:
-        _settle_heap()
         await spans.start()
         checker.start()
         reload_task = asyncio.create_task(_reload(watcher, pools, config.reload_interval_s, gateway.keys_watcher))
         replicas_task = asyncio.create_task(_follow_replicas(ReplicaDirectory(settings.replicas_path), pools))
+        await _settle_heap()
         try:
             yield
         finally:
@@ -114,13 +117,21 @@ def run(settings: Settings) -> None:
     uvicorn.run(gateway.app, host=config.host, port=config.port, log_level="warning", access_log=False)
 
 
-def _settle_heap() -> None:
-    """Take everything built at start-up out of the cyclic GC's walks (gc.freeze).
+async def _settle_heap() -> None:
+    """Take everything built at start-up out of the cyclic GC's walks (gc.freeze), once what the
+    request path would otherwise load on first use is loaded too.
 
-    The modules and objects loaded before serving (FastAPI, OpenTelemetry, pydantic, the
+    The modules and objects loaded before serving (Starlette, OpenTelemetry, pydantic, the
     registry) never become garbage, yet every full collection walked them all: 40-60 ms pauses of
-    the event loop every few seconds at 50 concurrent streams (bench/gateway_overhead.py). Frozen,
-    a full pass walks only what requests left behind (~12 ms, and rarer)."""
+    the event loop every few seconds at 50 concurrent streams (bench/gateway_overhead.py). And what
+    the first requests import (anyio's asyncio backend for streaming responses, protobuf and the
+    OTLP encoder for the first span export, the IDNA codec for the first upstream URL, httpcore for
+    the health checks) stayed young, and was walked by every full collection after — ~120 modules,
+    20-45 ms each time. Warmed and then frozen, a full pass walks only what requests leave behind
+    (a few ms)."""
+    await anyio.sleep(0)  # loads anyio's backend for this loop
+    codecs.lookup("idna")
+    importlib.import_module("httpcore")
     gc.collect()
     gc.freeze()
 

@@ -6,8 +6,10 @@ are lost — counted in `ExportStats`, shown on the gateway's /metrics — while
 answered.
 
 Two ways to export:
-- `LoopSpanProcessor` (the gateway): batches are encoded on the gateway's own event loop in small
-  slices and POSTed with aiohttp, so no thread competes with serving for the GIL;
+- `loop_tracer_provider` (the gateway): spans from the lean `FastTracer`, encoded on the gateway's
+  own event loop (`OtlpSpanEncoder`), a small slice at a time as they end, and POSTed in batches
+  with aiohttp (`LoopSpanProcessor`), so no thread competes with serving for the GIL and no burst
+  of encoding holds requests up;
 - `tracer_provider` (the SDK's BatchSpanProcessor and its worker thread) for synchronous code such
   as the replica launcher.
 """
@@ -17,18 +19,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from opentelemetry.sdk.resources import Resource
+import aiohttp
+from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.sdk.environment_variables import OTEL_SDK_DISABLED
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from fleetlens.semconv import GATEWAY_SERVICE
+
+from .fast_tracer import FastTracerProvider, RecordedSpan
+from .otlp_wire import OtlpSpanEncoder
 
 log = logging.getLogger("fleetlens.gateway")
 
@@ -112,25 +121,40 @@ def otlp_exporter(endpoint: str, timeout_s: float = 5.0) -> SpanExporter:
     return OTLPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces", timeout=timeout_s)
 
 
-class LoopSpanProcessor(SpanProcessor):
-    """Batches ended spans and exports them (OTLP/HTTP protobuf) from the running event loop.
+@dataclass
+class EncodedSpans:
+    """One encoded ExportTraceServiceRequest, waiting to be sent."""
 
-    Why not the SDK's BatchSpanProcessor in the gateway: its worker thread encodes a batch (25-50 µs
+    body: bytes
+    spans: int
+
+
+class LoopSpanProcessor(SpanProcessor):
+    """Encodes ended spans a few at a time on the event loop (with `encode`: spans → a serialized
+    ExportTraceServiceRequest) and exports them (OTLP/HTTP protobuf) in batches from it.
+
+    Why not the SDK's BatchSpanProcessor in the gateway: its worker thread encodes a batch (~20 µs
     a span) holding the GIL, and the event-loop thread, which gives the GIL up at every socket
     call, then waits up to the switch interval (5 ms) to get it back each time — the convoy
-    effect. With 50 streams through the gateway that made 20–40 ms stalls of the loop
-    (bench/gateway_overhead.py: added p99 35 → 23 ms). Here a batch is encoded on the loop itself,
-    `slice_spans` at a time (16 spans, ~1 ms) with a yield to waiting requests between slices, and
-    sent with aiohttp.
+    effect. With 50 streams through the gateway that made 20–40 ms stalls of the loop.
+
+    Why encode as spans end rather than when a batch is sent: a batch of half a second's spans
+    (~500 at 150 requests/s) is ~10 ms of encoding; even cut into slices with yields between them,
+    every request in flight then waits behind a slice at each of its steps, and the p99 of the
+    latency the gateway adds rose by ~3 ms (bench/gateway_overhead.py). Encoded `slice_spans` (8,
+    ~0.15 ms) at a time, in a callback scheduled when that many have ended, the same work is spread
+    evenly: about one small piece per request, after the step that ended them. The export task
+    only joins bytes and POSTs them with aiohttp.
 
     Serialized ExportTraceServiceRequests concatenate into one valid request (protobuf merges
-    repeated fields by appending), so the slices go out as one POST (up to `max_body_bytes`).
+    repeated fields by appending), so the pieces go out as one POST (up to `max_body_bytes`).
 
     A collector that asks to retry (429, 502, 503, 504, as OTLP/HTTP says) or cannot be reached gets
     the spans again later: they go back to the front of the queue and the export waits (the
     collector's Retry-After, else 0.5 s doubling to `max_backoff_s`); a collector briefly overloaded
     or restarting costs nothing. Other answers (400, 413) would fail again: those spans are counted
-    lost. Whatever the queue cannot hold is dropped and counted, and `aclose()` tries once more.
+    lost. Whatever the queue (`max_queue` spans, encoded or not) cannot hold is dropped and counted,
+    and `aclose()` tries once more.
 
     `start()` and `aclose()` run on the loop (the gateway's lifespan); spans ended before
     `start()` wait in the queue, and past `max_queue` they are dropped and counted.
@@ -138,15 +162,21 @@ class LoopSpanProcessor(SpanProcessor):
 
     RETRYABLE = frozenset({429, 502, 503, 504})
 
-    def __init__(self, endpoint: str, stats: ExportStats | None = None, *, max_queue: int = 16_384,
-                 batch_spans: int = 2048, delay_s: float = 0.5, slice_spans: int = 16,
+    def __init__(self, endpoint: str, encode: Callable[[Sequence[Any]], bytes], stats: ExportStats | None = None, *,
+                 max_queue: int = 16_384,
+                 batch_spans: int = 2048, delay_s: float = 0.5, slice_spans: int = 8,
                  timeout_s: float = 5.0, max_body_bytes: int = 4 * 1024**2, max_backoff_s: float = 5.0) -> None:
         self.url = endpoint.rstrip("/") + "/v1/traces"
+        self.encode = encode
         self.stats = stats or ExportStats()
         self.max_queue, self.batch_spans, self.delay_s = max_queue, batch_spans, delay_s
         self.slice_spans, self.timeout_s, self.max_body_bytes = slice_spans, timeout_s, max_body_bytes
-        self._queue: deque[ReadableSpan] = deque()
+        self._ended: list[Any] = []                   # not encoded yet
+        self._encoded: deque[EncodedSpans] = deque()  # encoded, not sent yet
+        self._encoded_spans = 0
+        self._encode_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._session: Any = None
@@ -155,34 +185,66 @@ class LoopSpanProcessor(SpanProcessor):
         self._backoff_s = 0.0      # the last wait; 0 after a success
         self._retry_at = 0.0       # loop time before which nothing is sent
 
+    @property
+    def queued(self) -> int:
+        """Spans waiting to be sent (encoded or not)."""
+        return len(self._ended) + self._encoded_spans
+
     # -------------------------------------------------------------- SpanProcessor (any thread)
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         pass
 
-    def on_end(self, span: ReadableSpan) -> None:
+    def on_end(self, span: RecordedSpan | ReadableSpan) -> None:
         if not span.context.trace_flags.sampled:
             return
-        if len(self._queue) >= self.max_queue:
+        if self.queued >= self.max_queue:
             self.stats.drop()
             return
-        self._queue.append(span)
-        if len(self._queue) >= self.batch_spans and self._wake is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+        self._ended.append(span)
+        if len(self._ended) >= self.slice_spans and not self._encode_scheduled and self._loop is not None:
+            self._encode_scheduled = True
+            if threading.get_ident() == self._loop_thread:
+                self._loop.call_soon(self._encode_ended)
+            else:
+                self._loop.call_soon_threadsafe(self._encode_ended)
 
     def shutdown(self) -> None:
         pass  # the loop's `aclose()` sends what is left
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return not self._queue  # flushing needs the loop: `await flush()`
+        return not self.queued  # flushing needs the loop: `await flush()`
 
     # -------------------------------------------------------------- on the event loop
     async def start(self) -> None:
-        import aiohttp
-
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._wake = asyncio.Event()
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         self._task = asyncio.create_task(self._run(), name="fleetlens-span-export")
+
+    def _encode_ended(self) -> None:
+        """Encode one slice of the ended spans; another callback follows while a whole slice waits,
+        so waiting requests run between slices."""
+        self._encode_scheduled = False
+        self._encode(self.slice_spans)
+        if len(self._ended) >= self.slice_spans and self._loop is not None:
+            self._encode_scheduled = True
+            self._loop.call_soon(self._encode_ended)
+        if self._encoded_spans >= self.batch_spans and self._wake is not None:
+            self._wake.set()
+
+    def _encode(self, count: int) -> None:
+        piece, self._ended = self._ended[:count], self._ended[count:]
+        if not piece:
+            return
+        try:
+            body = self.encode(piece)
+        except Exception as error:  # noqa: BLE001 - spans the encoder refuses are lost, not the gateway
+            log.debug("span encoding failed: %s", error)
+            self.stats.add(False, len(piece))
+            return
+        self._encoded.append(EncodedSpans(body, len(piece)))
+        self._encoded_spans += len(piece)
 
     async def _run(self) -> None:
         assert self._wake is not None and self._loop is not None
@@ -197,46 +259,36 @@ class LoopSpanProcessor(SpanProcessor):
     async def flush(self) -> None:
         """Send everything queued now, a batch at a time; stops early while the collector asked to wait
         (the spans stay queued)."""
-        while self._queue and (self._closing or self._loop is None or self._loop.time() >= self._retry_at):
+        while self.queued and (self._closing or self._loop is None or self._loop.time() >= self._retry_at):
+            while self._ended:  # the few ended since the last slice (all of them when closing)
+                self._encode(self.slice_spans)
+                await asyncio.sleep(0)
             if not await self._export_batch():
                 return
 
     async def _export_batch(self) -> bool:
-        """Send one batch; False when the collector asked to retry (the unsent spans are queued again)."""
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-
-        count = min(len(self._queue), self.batch_spans)
-        batch = [self._queue.popleft() for _ in range(count)]
-        parts: list[bytes] = []
-        pending: list[ReadableSpan] = []  # the spans in `parts`
-        size = 0
-        for start in range(0, count, self.slice_spans):
-            piece = batch[start:start + self.slice_spans]
-            try:
-                parts.append(encode_spans(piece).SerializeToString())
-            except Exception as error:  # noqa: BLE001 - a span the encoder refuses is lost, not the batch
-                log.debug("span encoding failed: %s", error)
-                self.stats.add(False, len(piece))
-                continue
-            pending += piece
-            size += len(parts[-1])
-            if size >= self.max_body_bytes:  # a collector refuses bodies over its limit (16 MiB by default)
-                if not await self._post(parts, pending):
-                    self._requeue(pending + batch[start + self.slice_spans:])
-                    return False
-                parts, pending, size = [], [], 0
-            await asyncio.sleep(0)  # let waiting requests run between slices
-        if parts and not await self._post(parts, pending):
-            self._requeue(pending)
+        """Send one batch (up to `batch_spans` spans and `max_body_bytes`); False when the collector
+        asked to retry (the batch is queued again, at the front)."""
+        batch: list[EncodedSpans] = []
+        spans = size = 0
+        while self._encoded and (not batch or (spans + self._encoded[0].spans <= self.batch_spans
+                                               and size + len(self._encoded[0].body) <= self.max_body_bytes)):
+            piece = self._encoded.popleft()
+            batch.append(piece)
+            spans += piece.spans
+            size += len(piece.body)
+        self._encoded_spans -= spans
+        if not await self._post(b"".join(piece.body for piece in batch), spans):
+            self._requeue(batch)
             return False
         return True
 
-    async def _post(self, parts: list[bytes], spans: list[ReadableSpan]) -> bool:
-        """POST the parts; True when done with these spans (sent, or refused for good: counted lost),
+    async def _post(self, body: bytes, spans: int) -> bool:
+        """POST one body; True when done with its spans (sent, or refused for good: counted lost),
         False when the collector should get them again later (not counted yet)."""
         ok, retry_after = False, None
         try:  # counted once, whatever happens (cancellation included)
-            async with self._session.post(self.url, data=b"".join(parts),
+            async with self._session.post(self.url, data=body,
                                           headers={"Content-Type": "application/x-protobuf"}) as response:
                 await response.read()
                 ok = response.status == 200
@@ -246,16 +298,16 @@ class LoopSpanProcessor(SpanProcessor):
                         retry_after = _seconds(response.headers.get("Retry-After"))
                         retry_after = -1.0 if retry_after is None else retry_after
         except asyncio.CancelledError:  # aclose() gave up waiting: these spans are lost, counted
-            self.stats.add(False, len(spans))
+            self.stats.add(False, spans)
             raise
         except Exception as error:  # noqa: BLE001 - a collector that is down or slow costs spans, never requests
             log.debug("span export failed: %s", error)
             retry_after = -1.0
         if retry_after is not None and not self._closing:
             self._back_off(retry_after)
-            self.stats.retry(len(spans))
+            self.stats.retry(spans)
             return False
-        self.stats.add(ok, len(spans))
+        self.stats.add(ok, spans)
         if ok:
             self._backoff_s = 0.0
         return True
@@ -269,13 +321,14 @@ class LoopSpanProcessor(SpanProcessor):
         assert self._loop is not None
         self._retry_at = self._loop.time() + self._backoff_s
 
-    def _requeue(self, spans: list[ReadableSpan]) -> None:
-        """Put unsent spans back at the front, in order; what no longer fits is dropped and counted."""
-        room = max(0, self.max_queue - len(self._queue))
-        kept = spans[:room]
-        self._queue.extendleft(reversed(kept))
-        if len(spans) > len(kept):
-            self.stats.drop(len(spans) - len(kept))
+    def _requeue(self, batch: list[EncodedSpans]) -> None:
+        """Put an unsent batch back at the front, in order; what no longer fits is dropped and counted."""
+        for piece in reversed(batch):
+            if self.queued + piece.spans > self.max_queue:
+                self.stats.drop(piece.spans)
+                continue
+            self._encoded.appendleft(piece)
+            self._encoded_spans += piece.spans
 
     async def aclose(self, timeout_s: float = 5.0) -> None:
         """Send what is left (for at most `timeout_s`; what is not sent by then is counted lost)."""
@@ -290,18 +343,24 @@ class LoopSpanProcessor(SpanProcessor):
         if self._session is not None:
             await self._session.close()
             self._session = None
-        if self._queue:
-            self.stats.add(False, len(self._queue))
-            self._queue.clear()
+        if self.queued:
+            self.stats.add(False, self.queued)
+            self._ended.clear()
+            self._encoded.clear()
+            self._encoded_spans = 0
 
 
 def loop_tracer_provider(endpoint: str, *, service_name: str = GATEWAY_SERVICE,
-                         stats: ExportStats | None = None) -> tuple[TracerProvider, LoopSpanProcessor]:
-    """A provider whose spans are exported from the event loop (see LoopSpanProcessor)."""
-    processor = LoopSpanProcessor(endpoint, stats)
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    provider.add_span_processor(processor)
-    return provider, processor
+                         stats: ExportStats | None = None) -> tuple[trace.TracerProvider, LoopSpanProcessor]:
+    """The gateway's tracing: FastTracer spans, encoded and exported from the event loop (see
+    LoopSpanProcessor), as the resource `service.name` = `service_name` (plus what
+    OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME say, as with the SDK). OTEL_SDK_DISABLED=true
+    turns tracing off as it does the SDK: no-op spans, nothing exported."""
+    resource = Resource.create({"service.name": service_name})
+    processor = LoopSpanProcessor(endpoint, OtlpSpanEncoder(resource.attributes).encode, stats)
+    if os.environ.get(OTEL_SDK_DISABLED, "").strip().lower() == "true":
+        return trace.NoOpTracerProvider(), processor
+    return FastTracerProvider(processor.on_end), processor
 
 
 def _seconds(header: str | None) -> float | None:

@@ -208,6 +208,23 @@ def run_async(test):
     return wrapper
 
 
+class RecordedSpans:
+    """The gateway's own tracer (FastTracer, what `fleetlens gateway` runs) with its ended spans kept
+    in memory: `provider.get_tracer(...)` for the Gateway, `get_finished_spans()` for assertions."""
+
+    def __init__(self) -> None:
+        from fleetlens.serving.fast_tracer import FastTracerProvider
+
+        self._spans: list[Any] = []
+        self.provider = FastTracerProvider(self._spans.append)
+
+    def get_finished_spans(self) -> tuple[Any, ...]:
+        return tuple(self._spans)
+
+    def clear(self) -> None:
+        self._spans.clear()
+
+
 @dataclass
 class Output:
     """The output of a foreground command (`fleetlens up`, `fleetlens demo`) read line by line by a

@@ -12,14 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from conftest import RecordedSpans
 from fleetlens import semconv as sc
 from fleetlens.serving.gateway import Gateway, Upstream
 from fleetlens.serving.keys import KeyStore, generate_key
@@ -73,9 +71,8 @@ def setup(tmp_path: Path):
     limits = {"k1": Limits.per_minute(1000, 100000), "k2": Limits.per_minute(2, 100000)}
     limiter = InMemoryLimiter(lambda kid: limits[kid])
     watcher = ConfigWatcher(EXAMPLES / "models.yaml", EXAMPLES / "routes.yaml")
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    exporter = RecordedSpans()
+    provider = exporter.provider
     stand_in = StandIn()
     outcomes: list[tuple[str, bool]] = []
 

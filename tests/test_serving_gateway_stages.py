@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import RecordedSpans
 from fleetlens import semconv as sc
 from fleetlens.config import ConfigError
 from fleetlens.serving import service
@@ -80,7 +80,7 @@ class Upstreams(httpx.AsyncBaseTransport):
 
 
 def make(tmp_path: Path, *, record_content: bool = False, redact: Any = None, retrievers: Retrievers | None = None,
-         tokenizer_info: bool = True, exporter: SpanExporter | None = None, provider: TracerProvider | None = None,
+         tokenizer_info: bool = True, provider: TracerProvider | None = None,
          **gateway_kwargs: Any) -> dict[str, Any]:
     docs = tmp_path / "docs"
     if not docs.exists():
@@ -96,10 +96,8 @@ def make(tmp_path: Path, *, record_content: bool = False, redact: Any = None, re
         {"id": "k2", "customer": "lab", "hash": narrow_digest, "feature": "chat", "allowed_models": ["large"]},
     ])
     watcher = ConfigWatcher(tmp_path / "models.yaml", tmp_path / "routes.yaml")
-    spans = exporter or InMemorySpanExporter()
-    if provider is None:
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(spans))
+    spans = RecordedSpans()  # the gateway's own tracer, unless the test brings another provider
+    provider = provider or spans.provider
     upstreams = Upstreams(tokenizer_info)
     down: set[str] = set()
     outcomes: list[tuple[str, bool]] = []

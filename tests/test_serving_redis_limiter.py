@@ -23,10 +23,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 import redis
-from conftest import free_port, stop_group, wait_for
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from conftest import RecordedSpans, free_port, stop_group, wait_for
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -285,7 +282,7 @@ class Upstreams:
 class Replica:
     gateway: Gateway
     client: httpx.AsyncClient
-    spans: InMemorySpanExporter
+    spans: RecordedSpans
 
     async def post(self, key: str, max_tokens: int = 3) -> httpx.Response:
         body = {"model": "qwen-small", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi there"}]}
@@ -304,9 +301,8 @@ class Replica:
 def _replica(store: KeyStore, settings: GatewaySettings) -> Replica:
     """One in-process gateway with its limiter built as `fleetlens gateway` builds it."""
     watcher = ConfigWatcher(EXAMPLES / "models.yaml", EXAMPLES / "routes.yaml")
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    exporter = RecordedSpans()
+    provider = exporter.provider
 
     def pick(model: str) -> Upstream:
         return Upstream(f"{model}-0", f"http://{model}.upstream", lambda _ok: None)

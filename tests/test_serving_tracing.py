@@ -1,5 +1,5 @@
-"""The gateway's span export (`LoopSpanProcessor`): batches encoded on the event loop in slices and
-sent as one OTLP/HTTP request; a collector that asks to retry or is down gets them again later; one
+"""The gateway's span export (`LoopSpanProcessor`): spans encoded on the event loop a slice at a time
+as they end, and a batch of them sent as one OTLP/HTTP request; a collector that asks to retry or is down gets them again later; one
 that refuses for good, a full queue or a shutdown costs spans, counted, never requests. The wire format is checked by parsing what a real HTTP server received; the gateway
 process with its collector down is checked end to end."""
 
@@ -13,13 +13,13 @@ from pathlib import Path
 import httpx
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import TracerProvider
 
 from conftest import gateway_process, run_async, stub_models_yaml, wait_for
 from fleetlens.net import free_port
 from fleetlens.serving.keys import generate_key
 from fleetlens.serving.stub_upstream import StubConfig, StubServer
-from fleetlens.serving.tracing import LoopSpanProcessor, loop_tracer_provider
+from fleetlens.serving.tracing import loop_tracer_provider
 
 
 class Receiver:
@@ -82,18 +82,24 @@ async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
 
 
 @run_async
-async def test_a_batch_goes_out_as_one_request_in_slices() -> None:
+async def test_spans_are_encoded_a_slice_at_a_time_as_they_end_and_a_batch_goes_out_as_one_request() -> None:
     async with receiving() as receiver:
         provider, processor = loop_tracer_provider(receiver.url, service_name="fleetlens-gateway")
-        assert processor.slice_spans == 16
+        assert processor.slice_spans == 8
         await processor.start()
-        end_spans(provider, 40)  # three slices: 16 + 16 + 8, concatenated into one body
-        await processor.flush()
+        end_spans(provider, 20)  # two whole slices: encoded by callbacks, one after the other
+        assert processor._encoded_spans == 0  # nothing encoded inside on_end, on the request's path
+        await asyncio.sleep(0)
+        assert processor._encoded_spans == 8  # one slice per callback: requests run between slices
+        await asyncio.sleep(0)
+        assert processor._encoded_spans == 16 and processor.queued == 20 and not receiver.bodies
+        await processor.flush()  # the 4 left over are encoded then, and all 20 go out in one request
         assert len(receiver.bodies) == 1
         spans = receiver.spans()
         assert {service for service, _ in spans} == {"fleetlens-gateway"}
-        assert [name for _, name in spans] == [f"stage-{i}" for i in range(39)] + ["root"]  # as they ended
-        assert processor.stats.exported_spans == 40 and processor.stats.failed_spans == 0
+        assert [name for _, name in spans] == [f"stage-{i}" for i in range(19)] + ["root"]  # as they ended
+        assert processor.stats.exported_spans == 20 and processor.stats.failed_spans == 0
+        assert processor.queued == 0
         await processor.aclose()
 
 
@@ -101,12 +107,12 @@ async def test_a_batch_goes_out_as_one_request_in_slices() -> None:
 async def test_a_batch_over_the_body_limit_goes_out_in_several_requests() -> None:
     async with receiving() as receiver:
         provider, processor = loop_tracer_provider(receiver.url)
-        processor.max_body_bytes = 1  # every slice is over it
+        processor.max_body_bytes = 1  # every slice is over it: one request each
         await processor.start()
         end_spans(provider, 40)
         await processor.flush()
         assert [len(ExportTraceServiceRequest.FromString(body).resource_spans[0].scope_spans[0].spans)
-                for body in receiver.bodies] == [16, 16, 8]
+                for body in receiver.bodies] == [8, 8, 8, 8, 8]
         assert len(receiver.spans()) == 40 and processor.stats.exported_spans == 40
         await processor.aclose()
 
@@ -133,7 +139,7 @@ async def test_a_collector_that_is_down_keeps_the_spans_queued_and_aclose_counts
     end_spans(provider, 7)
     await processor.flush()
     assert processor.stats.retried_spans == 7 and processor.stats.failed_spans == 0
-    assert len(processor._queue) == 7  # waiting for the next try, in order
+    assert processor.queued == 7  # waiting for the next try, in order
     await processor.flush()  # backing off: no new attempt yet
     assert processor.stats.retried_spans == 7
     await processor.aclose()  # one last try, then they are lost, counted
@@ -186,9 +192,8 @@ async def test_an_overloaded_collector_gets_the_spans_again_after_its_retry_afte
 @run_async
 async def test_past_the_queue_limit_spans_are_dropped_and_counted() -> None:
     async with receiving() as receiver:
-        processor = LoopSpanProcessor(receiver.url, max_queue=5)
-        provider = TracerProvider()
-        provider.add_span_processor(processor)
+        provider, processor = loop_tracer_provider(receiver.url)
+        processor.max_queue = 5
         end_spans(provider, 8)  # before start(): they wait in the queue, up to its limit
         assert processor.stats.dropped_spans == 3
         await processor.start()
@@ -219,3 +224,11 @@ def test_the_gateway_answers_with_its_collector_down_and_keeps_its_spans_for_a_r
             assert counter("spans_exported") == 0 and counter("spans_dropped") == 0
     finally:
         upstream.stop()
+
+
+def test_otel_sdk_disabled_turns_the_gateways_tracing_off(monkeypatch) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    provider, processor = loop_tracer_provider(f"http://127.0.0.1:{free_port()}")
+    end_spans(provider, 3)
+    assert processor.queued == 0
+    assert not provider.get_tracer("fleetlens.gateway").start_span("auth").is_recording()

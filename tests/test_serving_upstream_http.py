@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import run_async
+from conftest import RecordedSpans, run_async
 from fleetlens.net import free_port
 from fleetlens.serving.stub_upstream import StubConfig, StubServer
 from fleetlens.serving.upstream_http import AiohttpTransport
@@ -100,9 +100,6 @@ def test_replica_dying_before_its_first_bytes_falls_back_unseen(stream: bool) ->
     one more failed attempt; the fallback model answers and the client sees a clean 200."""
     import random
 
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from fleetlens.serving.gateway import Gateway, Upstream
     from fleetlens.serving.keys import KeyStore, generate_key
@@ -113,9 +110,8 @@ def test_replica_dying_before_its_first_bytes_falls_back_unseen(stream: bool) ->
     key, digest = generate_key()
     store = KeyStore.from_entries([{"id": "k1", "customer": "acme", "hash": digest, "feature": "summarize"}])
     watcher = ConfigWatcher(examples / "models.yaml", examples / "routes.yaml")
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    exporter = RecordedSpans()
+    provider = exporter.provider
 
     async def dying(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
