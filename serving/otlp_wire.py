@@ -1,12 +1,13 @@
 """OTLP/protobuf for the gateway's spans, written straight to the protobuf wire format.
 
 Why not the SDK's encoder (`opentelemetry-exporter-otlp-proto-common`): it builds a message
-object per span, attribute and value and then serializes them — ~20 µs a span, ~150 µs per
+object per span, attribute and value and then serializes them — ~20 µs a span, ~160 µs per
 request for the gateway's seven spans, on the event loop that serves the requests
-(bench/gateway_overhead.py). Most of a request's attributes repeat from one request to the next
-(stage names, customer, feature, route, model, replica, status codes): here each distinct
-key/value pair (short strings, bools, integers) is encoded once and its bytes reused, so a request's spans cost ~25 µs. The bytes are the same
-messages the SDK's encoder makes (tests/test_serving_fast_tracer.py decodes both and compares).
+(bench/gateway_tracing_cost.py). Most of a request's attributes repeat from one request to the
+next (stage names, customer, feature, route, model, replica, status codes): here each distinct
+key/value pair (short strings, bools, integers) is encoded once and its bytes reused, so a
+request's spans cost ~45 µs. The bytes are the same messages the SDK's encoder makes
+(tests/test_serving_fast_tracer.py decodes both and compares).
 
 The messages, from opentelemetry-proto (field numbers in brackets):
 ExportTraceServiceRequest{resource_spans[1]} → ResourceSpans{resource[1], scope_spans[2]} →
