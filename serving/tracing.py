@@ -171,7 +171,7 @@ class LoopSpanProcessor(SpanProcessor):
         self.stats = stats or ExportStats()
         self.max_queue, self.batch_spans, self.delay_s = max_queue, batch_spans, delay_s
         self.slice_spans, self.timeout_s, self.max_body_bytes = slice_spans, timeout_s, max_body_bytes
-        self._ended: list[Any] = []                   # not encoded yet
+        self._ended: deque[Any] = deque()             # not encoded yet
         self._encoded: deque[EncodedSpans] = deque()  # encoded, not sent yet
         self._encoded_spans = 0
         self._encode_scheduled = False
@@ -234,7 +234,8 @@ class LoopSpanProcessor(SpanProcessor):
             self._wake.set()
 
     def _encode(self, count: int) -> None:
-        piece, self._ended = self._ended[:count], self._ended[count:]
+        ended = self._ended
+        piece = [ended.popleft() for _ in range(min(count, len(ended)))]  # O(slice) even when a burst queued many
         if not piece:
             return
         try:
