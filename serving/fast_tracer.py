@@ -137,7 +137,7 @@ class FastTracer(trace.Tracer):
                    start_time: int | None = None, record_exception: bool = True,
                    set_status_on_exception: bool = True) -> trace.Span:
         parent = trace.get_current_span(context).get_span_context()
-        span_id = random.getrandbits(64) or 1
+        span_id = random.getrandbits(64)
         if parent.is_valid:
             trace_id, flags, state = parent.trace_id, parent.trace_flags, parent.trace_state
         else:

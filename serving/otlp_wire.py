@@ -88,32 +88,23 @@ def _text(tag: bytes, text: str) -> bytes:
 def _any_value(value: Any) -> bytes:
     """An AnyValue message's content (empty for None, as the SDK writes it). bool is tested before
     int (bool is an int)."""
-    kind = type(value)
-    if kind is str:
+    if isinstance(value, str):
         return _text(_LEN1, value)
-    if kind is bool:
+    if isinstance(value, bool):
         return _BOOL + (b"\x01" if value else b"\x00")
-    if kind is int:
+    if isinstance(value, int):
         return _INT + _int64(value)
-    if kind is float:
+    if isinstance(value, float):
         return _DOUBLE + _DOUBLE_BYTES(value)
     if value is None:
         return b""
     if isinstance(value, bytes):
         return _field(_BYTES, value)
-    if isinstance(value, str):  # str subclasses (enums)
-        return _text(_LEN1, str(value))
-    if isinstance(value, bool):
-        return _BOOL + (b"\x01" if value else b"\x00")
-    if isinstance(value, int):
-        return _INT + _int64(int(value))
-    if isinstance(value, float):
-        return _DOUBLE + _DOUBLE_BYTES(float(value))
     if isinstance(value, Mapping):
         return _field(_KVLIST, b"".join(_field(_LEN1, _key_value(str(k), v)) for k, v in value.items()))
     if isinstance(value, Sequence):
         return _field(_ARRAY, b"".join(_field(_LEN1, _any_value(item)) for item in value))
-    raise TypeError(f"attribute value of type {kind.__name__} cannot be encoded")
+    raise TypeError(f"attribute value of type {type(value).__name__} cannot be encoded")
 
 
 def _key_value(key: str, value: Any) -> bytes:

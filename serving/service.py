@@ -124,11 +124,11 @@ async def _settle_heap() -> None:
     The modules and objects loaded before serving (Starlette, OpenTelemetry, pydantic, the
     registry) never become garbage, yet every full collection walked them all: 40-60 ms pauses of
     the event loop every few seconds at 50 concurrent streams (bench/gateway_overhead.py). And what
-    the first requests import (anyio's asyncio backend for streaming responses, protobuf and the
-    OTLP encoder for the first span export, the IDNA codec for the first upstream URL, httpcore for
-    the health checks) stayed young, and was walked by every full collection after — ~120 modules,
-    20-45 ms each time. Warmed and then frozen, a full pass walks only what requests leave behind
-    (a few ms)."""
+    the first requests imported stayed young and was walked by every full collection after — ~120
+    modules (with the SDK's OTLP encoder, since replaced), 20-45 ms each time. What they still load
+    on first use is loaded here: anyio's asyncio backend (streaming responses), the IDNA codec (the
+    first upstream URL), httpcore (the health checks). Warmed and then frozen, a full pass walks
+    only what requests leave behind (a few ms)."""
     await anyio.sleep(0)  # loads anyio's backend for this loop
     codecs.lookup("idna")
     importlib.import_module("httpcore")
