@@ -4,21 +4,22 @@ side by side with LiteLLM's proxy in front of the same upstream.
     .venv/bin/python bench/gateway_overhead.py [--concurrency 50] [--seconds 8] [--rounds 6]
         [--completion-tokens 16] [--tokens-per-s 50] [--spans-to collector|discard]
         [--max-concurrency 64] [--max-seconds 8] [--arrivals staggered|lockstep]
-        [--litellm/--no-litellm] [--profile] [--json results.json]
+        [--litellm/--no-litellm] [--profile] [--json results.json] [--samples requests.csv]
 
 What runs (every child in its own process group on loopback ports, always stopped):
 - two stub upstreams (`python -m fleetlens.serving.stub_upstream`, zero added delay), each in its own
   process, answering streams of `--completion-tokens` content chunks + a finish chunk + a usage
   chunk + [DONE]: one paced at `--tokens-per-s` per stream (as a replica decodes; the latency
   phases), one as fast as it can (paired latency and max requests/s);
-- `fleetlens gateway` (one uvicorn process) with tracing ON: spans go over OTLP/HTTP to a real
+- `fleetlens gateway --workers N` (`--workers`, default 2: one process per core of this machine;
+  `--workers 1` for one event loop) with tracing ON: spans go over OTLP/HTTP to a real
   `fleetlens collector`, which writes them to an embedded warehouse (`fleetlens warehouse serve`),
   as in the end-to-end tests; all three run on this machine, so their CPU is part of the cost
   (`--spans-to discard`: to a sink that drops them instead — everything the gateway does for its
   spans, without a co-located collector's and warehouse's CPU bursts; a production collector runs
   elsewhere);
 - LiteLLM's proxy (`litellm[proxy]==1.106.2` in a throwaway venv, `--litellm-venv`, created when
-  missing): the two stub models, no database, logging off, one worker.
+  missing): the two stub models, no database, logging off, as many workers (`--num_workers`).
 
 The load client is this process: raw asyncio (uvloop) over HTTP/1.1 keep-alive sockets, one per
 concurrent stream, requests pre-serialized, chunked responses decoded by hand (~30 µs of client CPU
@@ -235,7 +236,7 @@ def start_span_collector(stack: Stack) -> tuple[str, list[Child]]:
 
 
 def start_gateway(stack: Stack, upstreams: dict[str, str], tracing: bool = True,
-                  spans_to: str = "collector") -> tuple[str, str, Child, list[Child]]:
+                  spans_to: str = "collector", workers: int = 1) -> tuple[str, str, Child, list[Child]]:
     """The span receiver (collector + warehouse, or a discarding sink) and the gateway tracing to it,
     with one model and one feature of the same name per upstream ({served model name: URL});
     returns URL, key, gateway, the receiver's children."""
@@ -257,7 +258,8 @@ def start_gateway(stack: Stack, upstreams: dict[str, str], tracing: bool = True,
         env["OTEL_SDK_DISABLED"] = "true"
     gateway = Child("gateway", fleetlens("gateway", "--port", str(port), "--models", str(work / "models.yaml"),
                                          "--routes", str(work / "routes.yaml"), "--keys", str(work / "keys.yaml"),
-                                         "--log-level", "warning"), work / "gateway.log", env)
+                                         "--workers", str(workers), "--log-level", "warning"),
+                    work / "gateway.log", env)
     stack.add(gateway)
     url = f"http://127.0.0.1:{port}"
     if not wait_http(url + "/health", 60, alive=lambda: gateway.alive):
@@ -280,7 +282,7 @@ def ensure_litellm(venv: Path) -> Path:
     return exe
 
 
-def start_litellm(stack: Stack, upstreams: dict[str, str], venv: Path) -> tuple[str, Child]:
+def start_litellm(stack: Stack, upstreams: dict[str, str], venv: Path, workers: int = 1) -> tuple[str, Child]:
     exe = ensure_litellm(venv)
     config = stack.work / "litellm.yaml"
     models = "".join(f"  - model_name: {name}\n    litellm_params:\n      model: openai/{name}\n"
@@ -296,7 +298,7 @@ def start_litellm(stack: Stack, upstreams: dict[str, str], venv: Path) -> tuple[
     env = {"LITELLM_MASTER_KEY": LITELLM_KEY, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "LITELLM_MODE": "PRODUCTION",
            "DISABLE_ADMIN_UI": "True", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "NO_DOCS": "True"}
     child = stack.add(Child("litellm", [str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
-                                        "--num_workers", "1"], stack.work / "litellm.log", env))
+                                        "--num_workers", str(workers)], stack.work / "litellm.log", env))
     url = f"http://127.0.0.1:{port}"
     if not wait_http(url + "/health/liveliness", 180, alive=lambda: child.alive, interval_s=0.5):
         raise RuntimeError(f"litellm proxy did not start: {child.tail()}")
@@ -387,6 +389,7 @@ class Phase:
     client_cpu_s: float = 0.0
     rounds: list[list[float]] = field(default_factory=list)  # each round's latencies
     stalls: list[float] = field(default_factory=list)  # lags of this (client) process's loop >= STALL_S
+    samples: list[tuple[float, float, float]] = field(default_factory=list)  # (sent at, latency, TTFB) for --samples
 
 
 async def watch_stalls(stalls: list[float], interval_s: float = 0.02) -> None:
@@ -432,6 +435,7 @@ async def closed_loop(target: Target, concurrency: int, seconds: float, phase: P
             if measured:
                 phase.latencies.append(latency)
                 phase.ttfbs.append(first)
+                phase.samples.append((time.time() - latency, latency, first))
             measured = True
 
     cpu0 = target.server.cpu_seconds() if target.server else 0.0
@@ -553,6 +557,7 @@ def main() -> int:
     parser.add_argument("--concurrency", default="50", help="comma-separated concurrent streams")
     parser.add_argument("--seconds", type=float, default=8.0, help="one latency phase (per target, per round)")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--samples", type=Path, help="write every measured request of the latency phases (CSV)")
     parser.add_argument("--paired-seconds", type=float, default=8.0)
     parser.add_argument("--max-concurrency", type=int, default=64)
     parser.add_argument("--max-seconds", type=float, default=8.0)
@@ -564,6 +569,8 @@ def main() -> int:
     parser.add_argument("--litellm", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--litellm-venv", type=Path, default=Path("/tmp/litellm-venv"))
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes of each proxy (fleetlens gateway --workers, litellm --num_workers)")
     parser.add_argument("--gateway-tracing", action=argparse.BooleanOptionalAction, default=True,
                         help="--no-gateway-tracing: diagnosis only, the gateway exports no spans")
     parser.add_argument("--spans-to", choices=("collector", "discard"), default="collector",
@@ -589,7 +596,7 @@ def main() -> int:
             fast_url, fast_child = start_upstream(stack, args, FAST_MODEL, 0)
             upstreams = {MODEL: paced_url, FAST_MODEL: fast_url}
             gw_url, key, gateway, tracing = start_gateway(stack, upstreams, tracing=args.gateway_tracing,
-                                                          spans_to=args.spans_to)
+                                                          spans_to=args.spans_to, workers=args.workers)
         gw_headers = {"Authorization": f"Bearer {key}"}
 
         def body(model: str) -> dict:
@@ -608,7 +615,7 @@ def main() -> int:
         if args.litellm:
             try:
                 with console.status("starting the LiteLLM proxy..."):
-                    litellm_url, litellm = start_litellm(stack, upstreams, args.litellm_venv)
+                    litellm_url, litellm = start_litellm(stack, upstreams, args.litellm_venv, args.workers)
                 litellm_headers = {"Authorization": f"Bearer {LITELLM_KEY}"}
                 targets.append(Target("litellm", litellm_url, litellm_headers, body(MODEL), litellm))
                 fast.append(Target("litellm", litellm_url, litellm_headers, body(FAST_MODEL), litellm))
@@ -767,6 +774,13 @@ def report(results: dict, targets: list[Target], levels: list[int], args: argpar
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
         console.print(f"wrote {args.json}")
+    if args.samples:
+        with open(args.samples, "w") as samples:
+            samples.write("target,streams,sent_unix_s,latency_ms,ttfb_ms\n")
+            for p in results["phases"]:
+                for sent, latency, first in p.samples:
+                    samples.write(f"{p.target},{p.concurrency},{sent:.6f},{latency * 1e3:.3f},{first * 1e3:.3f}\n")
+        console.print(f"wrote {args.samples}")
 
 
 def _ms(value: float | None) -> float | None:

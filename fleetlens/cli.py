@@ -97,17 +97,21 @@ def gateway(
     models: Annotated[Optional[Path], typer.Option(help="models.yaml (model registry).")] = None,
     routes: Annotated[Optional[Path], typer.Option(help="routes.yaml (routing rules; reloaded on change).")] = None,
     keys: Annotated[Optional[Path], typer.Option(help="keys.yaml (hashed API keys).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        min=1, max=64, help="Gateway processes on the port (default 1; rate limits then need gateway.redis_url).")] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """The OpenAI-compatible gateway over vLLM replicas: one trace per request, a span per stage."""
     from .serving.service import run
 
     settings = _settings()
-    updates = {"port": port, "host": host, "models_file": models, "routes_file": routes, "keys_file": keys}
+    updates = {"port": port, "host": host, "models_file": models, "routes_file": routes, "keys_file": keys,
+               "workers": workers}
     settings.gateway = settings.gateway.model_copy(update={k: v for k, v in updates.items() if v is not None})
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per replica health check
     try:
-        run(settings)
+        run(settings, log_level)
     except ConfigError as error:
         err_console.print(f"[red]{error}[/red]")
         raise typer.Exit(2) from None

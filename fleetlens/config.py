@@ -161,6 +161,12 @@ class GatewaySettings(BaseModel):
 
     host: str = Field(EMBEDDED_HOST, description="Bind address; loopback unless told otherwise.")
     port: int = Field(8080, ge=1, le=65535)
+    workers: int = Field(
+        1, ge=1, le=64,
+        description="Gateway processes sharing the port, each with its own event loop: one loop relaying many "
+        "streams queues every chunk behind the others (bench/gateway_overhead.py). Per-key rpm/tpm limits with more "
+        "than one worker need redis_url (limits must be shared); /metrics sums every worker.",
+    )
     models_file: Path = Field(Path("models.yaml"), description="Model registry (see serving/examples).")
     routes_file: Path = Field(Path("routes.yaml"), description="Routing rules; reloaded on change.")
     keys_file: Path = Field(Path("keys.yaml"), description="API keys (hashed) → customer, feature, limits.")

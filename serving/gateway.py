@@ -40,7 +40,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from fleetlens import semconv as sc
@@ -52,6 +52,7 @@ from .ratelimit import Limiter
 from .redaction import Redactor, default_redactor
 from .registry import FeatureRoute, RequestFeatures, RetrievalSpec, RouteDecision, ServingConfig, attempt_order
 from .retrieval import Document, Retrievers, insert_context, query_of
+from .sse_relay import SSERelayResponse
 from .tracing import ExportStats
 from .upstream_http import AiohttpTransport
 
@@ -92,13 +93,6 @@ class Answer:
     head: bytes  # a stream's first chunk, or a plain answer's whole body
     rest: AsyncIterator[bytes] | None = None  # the stream after `head`
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        if self.head:
-            yield self.head
-        if self.rest is not None:
-            async for chunk in self.rest:
-                yield chunk
-
 
 _RELEASED = httpx.ByteStream(b"")
 
@@ -117,7 +111,9 @@ async def _release(response: httpx.Response) -> None:
 async def _first_bytes(response: httpx.Response, stream: bool) -> tuple[bytes, AsyncIterator[bytes] | None]:
     if not stream:
         return await response.aread(), None
-    chunks = response.aiter_raw()
+    # the transport's own stream: httpx's aiter_raw adds a re-chunker and a context manager per chunk
+    assert isinstance(response.stream, httpx.AsyncByteStream)
+    chunks = aiter(response.stream)
     return await anext(chunks, b""), chunks
 
 
@@ -146,7 +142,7 @@ class Gateway:
     def __init__(self, config: Callable[[], ServingConfig], keys: Callable[[], KeyStore], limiter: Limiter,
                  pick: UpstreamPicker, tracer: trace.Tracer, *, record_content: bool = False,
                  connect_timeout_s: float = 2.0, rng: random.Random | None = None,
-                 http: httpx.AsyncClient | None = None, retrievers: Retrievers | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None, retrievers: Retrievers | None = None,
                  redact: Redactor | None = None, pools_snapshot: Callable[[], list[dict[str, Any]]] | None = None,
                  export_stats: ExportStats | None = None) -> None:
         self.config = config
@@ -156,8 +152,12 @@ class Gateway:
         self.tracer = tracer
         self.record_content = record_content
         self.rng = rng or random.Random()
-        self.http = http or httpx.AsyncClient(transport=AiohttpTransport(),
-                                              timeout=httpx.Timeout(60.0, connect=connect_timeout_s))
+        # chat/completions go to the transport itself (httpx's client adds redirect, auth and
+        # cookie handling per request that a relay to a replica never uses); the client around the
+        # same transport serves the tokenizer passthrough
+        self.transport = transport or AiohttpTransport()
+        self.connect_timeout_s = connect_timeout_s
+        self.http = httpx.AsyncClient(transport=self.transport, timeout=httpx.Timeout(60.0, connect=connect_timeout_s))
         self.redact = redact or default_redactor
         self.keys_watcher: KeysWatcher | None = None  # set by service.build: keys.yaml reloads in place
         self.retrievers = retrievers or Retrievers()
@@ -259,10 +259,9 @@ class Gateway:
         except AuthError as error:
             return self._finish_error(root, GatewayError(error.to_response(), str(error.status)))
         if stream:
-            return StreamingResponse(
-                self._relay(answer, root, ctx, key.id, estimate),
-                status_code=response.status_code, media_type="text/event-stream",
-                headers={"cache-control": "no-cache"})
+            notes = _StreamNotes(self.record_content)
+            return SSERelayResponse(notes.relay(answer.head, answer.rest), functools.partial(
+                self._finish_stream, answer, notes, root, ctx, key.id, estimate), status=response.status_code)
         try:
             payload = json.loads(answer.head)
         finally:
@@ -391,11 +390,13 @@ class Gateway:
             if self.record_content:
                 self._record(span, sc.INPUT_MESSAGES, lambda: _input_messages(upstream_body, self.redact))
             started = time.perf_counter()
+            request = httpx.Request("POST", upstream.base_url.rstrip("/") + path, headers=headers,
+                                    content=json.dumps(upstream_body).encode(), extensions={"timeout": {
+                                        "connect": self.connect_timeout_s, "read": timeout_s,
+                                        "write": timeout_s, "pool": timeout_s}})
             try:
-                request = self.http.build_request("POST", upstream.base_url.rstrip("/") + path, headers=headers,
-                                                  content=json.dumps(upstream_body).encode(),
-                                                  timeout=httpx.Timeout(timeout_s, connect=2.0))
-                response = await self.http.send(request, stream=True)
+                response = await self.transport.handle_async_request(request)
+                response.request = request
             except httpx.TransportError as error:  # timeouts included
                 last_error = failed(model, number, *self._transport_failure(span, upstream, model, error))
                 continue
@@ -452,32 +453,25 @@ class Gateway:
             return trigger, GatewayError(errors.upstream_error(504, f"{model} timed out"), "504")
         return trigger, GatewayError(errors.upstream_error(502, f"{model} unreachable"), "502")
 
-    async def _relay(self, answer: Answer, root: Span, ctx: Any, key_id: str,
-                     estimate: int) -> AsyncIterator[bytes]:
-        """Pass SSE chunks through as they come, noting the usage chunk and finish reasons; close
-        the spans when the stream ends (or the client goes away)."""
+    async def _finish_stream(self, answer: Answer, notes: _StreamNotes, root: Span, ctx: Any, key_id: str,
+                             estimate: int, outcome: int) -> None:
+        """The relayed stream has ended (`outcome`: 200 all sent, 499 the client left, 500 relaying
+        failed): release the upstream, close the spans. Runs after the client has the last byte."""
         response, upstream, span, model = answer.response, answer.upstream, answer.span, answer.model
-        usage: dict[str, Any] = {}
-        finish: list[str] = []
-        texts: dict[int, list[str]] | None = {} if self.record_content else None
-        ok = False
-        buffer = b""
-        try:
-            async for chunk in answer.chunks():
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    _note_event(line, usage, finish, texts)
-                yield chunk
-            ok = True
-        finally:
-            await _release(response)
-            if texts is not None:
-                self._record(span, sc.OUTPUT_MESSAGES, lambda: _messages_json(
-                    [("assistant", "".join(texts[index]), finish[index] if index < len(finish) else None)
-                     for index in sorted(texts)], self.redact))
-            self._close_attempt(span, upstream, ok, model, usage, finish)
-            await self._postprocess(root, ctx, key_id, estimate, model, usage, finish, 200 if ok else 499)
+        await _release(response)
+        status = 502 if notes.upstream_error is not None and outcome == 200 else outcome
+        if notes.texts is not None:
+            texts, finish = notes.texts, notes.finish
+            self._record(span, sc.OUTPUT_MESSAGES, lambda: _messages_json(
+                [("assistant", "".join(texts[index]), finish[index] if index < len(finish) else None)
+                 for index in sorted(texts)], self.redact))
+        if notes.upstream_error is not None:
+            self.stats.upstream_attempts[(model, "broken_stream")] += 1
+            self._close_attempt(span, upstream, False, model, notes.usage, notes.finish,
+                                error_type=type(notes.upstream_error).__name__)
+        else:  # a client that left is no fault of the replica's: it stays healthy for the pool
+            self._close_attempt(span, upstream, True, model, notes.usage, notes.finish)
+        await self._postprocess(root, ctx, key_id, estimate, model, notes.usage, notes.finish, status)
 
     # ------------------------------------------------------------------ spans
     @contextlib.contextmanager
@@ -759,6 +753,43 @@ def _output_messages(payload: dict[str, Any], redact: Redactor) -> str:
 
 # A usage object or a finish reason that is not null: the only chunks the accounting needs.
 _EVENT_OF_INTEREST = re.compile(rb'"usage"\s*:\s*\{|"finish_reason"\s*:\s*"')
+
+
+class _StreamNotes:
+    """What a relayed SSE stream says about itself as it passes: the usage chunk, finish reasons,
+    the completion text (only with record_content), and whether the upstream broke off."""
+
+    def __init__(self, record_content: bool) -> None:
+        self.usage: dict[str, Any] = {}
+        self.finish: list[str] = []
+        self.texts: dict[int, list[str]] | None = {} if record_content else None
+        self.upstream_error: httpx.TransportError | None = None
+
+    async def relay(self, head: bytes, rest: AsyncIterator[bytes] | None) -> AsyncIterator[bytes]:
+        """Pass the stream's first chunk and the rest through, noting events. An upstream that
+        fails mid-stream ends the relay with an error event in OpenAI's shape (what SDKs raise on)
+        instead of a cut connection."""
+        buffer = b""
+        try:
+            if head:
+                buffer = self._note(head)
+                yield head
+            if rest is not None:
+                async for chunk in rest:
+                    buffer = self._note(buffer + chunk)
+                    yield chunk
+        except httpx.TransportError as error:
+            self.upstream_error = error
+            log.warning("upstream stream broke off: %s", type(error).__name__)
+            body = errors.upstream_error(502, "the model's stream broke off before its end").body
+            yield (b"\n\n" if buffer else b"") + b"data: " + orjson.dumps(body) + b"\n\ndata: [DONE]\n\n"
+
+    def _note(self, pending: bytes) -> bytes:
+        """Note each complete line of `pending`; return the incomplete rest."""
+        *lines, rest = pending.split(b"\n")
+        for line in lines:
+            _note_event(line, self.usage, self.finish, self.texts)
+        return rest
 
 
 def _note_event(line: bytes, usage: dict[str, Any], finish: list[str],

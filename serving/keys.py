@@ -28,7 +28,7 @@ import hmac
 import logging
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -245,6 +245,10 @@ class KeyStore:
     def get(self, key_id: str) -> ApiKey | None:
         return self._by_id.get(key_id)
 
+    def limited_ids(self) -> list[str]:
+        """Ids of the keys with a requests/min or tokens/min limit."""
+        return sorted(key.id for key in self._by_id.values() if key.rpm or key.tpm)
+
     def replace_with(self, other: KeyStore) -> None:
         """Take `other`'s keys (a reload): one assignment per map, so a lookup sees old or new keys."""
         self._by_hash, self._by_id = other._by_hash, other._by_id
@@ -278,9 +282,11 @@ class KeysWatcher:
     is logged with the parser's message, kept in `last_error`, and the previous keys stay in service.
     """
 
-    def __init__(self, path: str | Path, store: KeyStore) -> None:
+    def __init__(self, path: str | Path, store: KeyStore,
+                 validate: Callable[[KeyStore], None] | None = None) -> None:
         self.path = Path(path)
         self.store = store
+        self.validate = validate  # raises ConfigError for keys this gateway cannot serve as configured
         self.last_error: str | None = None
         self.reloads = 0
         self._stat = self._stat_now()
@@ -314,6 +320,8 @@ class KeysWatcher:
             return False  # already reported
         try:
             fresh = KeyStore.from_yaml(self.path)
+            if self.validate is not None:
+                self.validate(fresh)
         except ConfigError as error:
             self._failed_sha = sha
             self.last_error = str(error)

@@ -41,39 +41,79 @@ class GatewayStats:
     passthrough: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
-def _family(kind: type, name: str, doc: str, labels: list[str], counts: Counter[Any]) -> Any:
+_COUNTERS = ("requests", "upstream_attempts", "fallbacks", "retrievals", "output_checks", "passthrough")
+_EXPORT = ("exported_spans", "failed_spans", "dropped_spans", "retried_spans")
+_POOL_SUMS = ("outstanding", "requests_total", "failures_total")
+
+Snapshot = dict[str, Any]  # one process's counters in JSON's types (workers.py moves them between processes)
+
+
+def _family(kind: type, name: str, doc: str, labels: list[str], counts: dict[tuple[str, ...], float]) -> Any:
     family = kind(PREFIX + name, doc, labels=labels)
     for key, value in sorted(counts.items()):
         family.add_metric(list(key), value)
     return family
 
 
+def merge(snapshots: list[Snapshot]) -> Snapshot:
+    """Several workers' snapshots as one: counters and in-flight summed; a replica counts as healthy
+    when any worker has it in rotation; its outstanding/requests/failures summed."""
+    merged: Snapshot = {name: Counter() for name in _COUNTERS}
+    merged.update(in_flight=0, pools={}, export=None)
+    for snapshot in snapshots:
+        for name in _COUNTERS:
+            for *labels, value in snapshot[name]:
+                merged[name][tuple(labels)] += value
+        merged["in_flight"] += snapshot["in_flight"]
+        for row in snapshot["pools"] or []:
+            seen = merged["pools"].setdefault((row["model"], row["name"]), dict(row, healthy=False, **{
+                k: 0 for k in _POOL_SUMS}))
+            seen["healthy"] = seen["healthy"] or bool(row["healthy"])
+            for k in _POOL_SUMS:
+                seen[k] += row[k]
+        if snapshot["export"] is not None:
+            export = merged["export"] = merged["export"] or dict.fromkeys(_EXPORT, 0)
+            for k in _EXPORT:
+                export[k] += snapshot["export"][k]
+    merged["pools"] = list(merged["pools"].values())
+    return merged
+
+
 class GatewayMetrics(Collector):
-    """Reads the gateway's counters, the pools and the span export counts at scrape time."""
+    """Reads the gateway's counters, the pools and the span export counts at scrape time — this
+    process's, plus (`peers`) the other workers' of the same gateway."""
 
     def __init__(self, stats: GatewayStats, pools: Callable[[], list[dict[str, Any]]] | None = None,
                  export: ExportStats | None = None) -> None:
         self.stats = stats
         self.pools = pools
         self.export = export
+        self.peers: Callable[[], list[Snapshot]] | None = None
+
+    def snapshot(self) -> Snapshot:
+        s, e = self.stats, self.export
+        out: Snapshot = {name: [[*key, value] for key, value in getattr(s, name).items()] for name in _COUNTERS}
+        out.update(in_flight=s.in_flight, pools=self.pools() if self.pools is not None else None,
+                   export={k: getattr(e, k) for k in _EXPORT} if e is not None else None)
+        return out
 
     def collect(self) -> Iterator[Any]:
-        s = self.stats
+        own = self.snapshot()
+        m = merge([own, *(self.peers() if self.peers is not None else [])])
         yield _family(CounterMetricFamily, "requests", "Requests answered, by endpoint, status, route, model, feature",
-                      ["endpoint", "status", "route", "model", "feature"], s.requests)
-        yield GaugeMetricFamily(PREFIX + "in_flight", "Requests being answered now", value=s.in_flight)
+                      ["endpoint", "status", "route", "model", "feature"], m["requests"])
+        yield GaugeMetricFamily(PREFIX + "in_flight", "Requests being answered now", value=m["in_flight"])
         yield _family(CounterMetricFamily, "upstream_attempts", "Upstream attempts, by model and outcome",
-                      ["model", "outcome"], s.upstream_attempts)
+                      ["model", "outcome"], m["upstream_attempts"])
         yield _family(CounterMetricFamily, "fallbacks", "Failed attempts followed by another model, by trigger",
-                      ["model", "trigger"], s.fallbacks)
+                      ["model", "trigger"], m["fallbacks"])
         yield _family(CounterMetricFamily, "retrievals", "Retrieval stage runs, by retriever and outcome",
-                      ["retriever", "outcome"], s.retrievals)
+                      ["retriever", "outcome"], m["retrievals"])
         yield _family(CounterMetricFamily, "output_checks", "response_format checks of completions",
-                      ["check", "valid"], s.output_checks)
+                      ["check", "valid"], m["output_checks"])
         yield _family(CounterMetricFamily, "tokenizer_requests", "/tokenize, /detokenize, /tokenizer_info relayed",
-                      ["endpoint", "status"], s.passthrough)
-        if self.pools is not None:
-            rows = self.pools()
+                      ["endpoint", "status"], m["passthrough"])
+        if own["pools"] is not None:
             healthy = GaugeMetricFamily(PREFIX + "replica_healthy", "1 if the replica is in its pool's rotation",
                                         labels=["model", "replica"])
             outstanding = GaugeMetricFamily(PREFIX + "replica_outstanding", "Requests in flight on the replica",
@@ -82,24 +122,24 @@ class GatewayMetrics(Collector):
                                            labels=["model", "replica"])
             failures = CounterMetricFamily(PREFIX + "replica_failures", "Failed requests on the replica",
                                            labels=["model", "replica"])
-            for row in rows:
+            for row in m["pools"]:
                 labels = [str(row["model"]), str(row["name"])]
                 healthy.add_metric(labels, 1 if row["healthy"] else 0)
                 outstanding.add_metric(labels, row["outstanding"])
                 requests.add_metric(labels, row["requests_total"])
                 failures.add_metric(labels, row["failures_total"])
             yield from (healthy, outstanding, requests, failures)
-        if self.export is not None:
-            e = self.export
+        if m["export"] is not None:
+            e = m["export"]
             yield CounterMetricFamily(PREFIX + "spans_exported", "Spans the collector acknowledged",
-                                      value=e.exported_spans)
+                                      value=e["exported_spans"])
             yield CounterMetricFamily(PREFIX + "spans_dropped",
                                       "Spans lost: refused by the collector, still unsent at shutdown, or the export "
                                       "queue was full (collector down for long)",
-                                      value=e.failed_spans + e.dropped_spans)
+                                      value=e["failed_spans"] + e["dropped_spans"])
             yield CounterMetricFamily(PREFIX + "spans_retried",
                                       "Spans sent again: the collector asked to retry (429/502/503/504) or was unreachable",
-                                      value=e.retried_spans)
+                                      value=e["retried_spans"])
 
 
 def registry_for(metrics: GatewayMetrics) -> CollectorRegistry:

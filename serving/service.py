@@ -3,6 +3,10 @@
 models.yaml + routes.yaml are watched and swapped as a pair when both are valid (a bad edit is
 logged and the running configuration stays); replica pools follow the registry; health checks
 run in the background; spans go to the collector in batches and are never waited for.
+
+With `gateway.workers` > 1, uvicorn's supervisor runs that many gateway processes on one port
+(each builds its own gateway from the same settings, handed over in the environment); rate limits
+are then shared through Redis, and each worker's counters are merged on /metrics (workers.py).
 """
 
 from __future__ import annotations
@@ -10,11 +14,17 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import json
 import gc
 import importlib
 import logging
+import os
 import random
-from collections.abc import AsyncIterator
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from pathlib import Path
 
 import anyio
 import uvicorn
@@ -30,6 +40,11 @@ from .registration import ReplicaDirectory, sync_pools
 from .redaction import load_redactor
 from .registry import ConfigWatcher
 from .tracing import LoopSpanProcessor, loop_tracer_provider
+from .workers import WorkerStats
+
+WORKER_SETTINGS_ENV = "FLEETLENS_GATEWAY_WORKER_SETTINGS"  # what each worker process builds its gateway from
+WORKER_LOG_LEVEL_ENV = "FLEETLENS_GATEWAY_WORKER_LOG_LEVEL"
+WORKERS_DIR_ENV = "FLEETLENS_GATEWAY_WORKERS_DIR"  # where workers leave their counters for /metrics
 
 log = logging.getLogger("fleetlens.gateway")
 
@@ -72,11 +87,30 @@ def key_limits(store: KeyStore, config: GatewaySettings | None = None) -> Limite
     return limiter
 
 
+def shared_limits_check(config: GatewaySettings) -> Callable[[KeyStore], None] | None:
+    """For several workers without Redis: refuse keys with rpm/tpm limits, which each worker would
+    enforce on its own share of the traffic (N workers, up to N times the limit)."""
+    if config.workers == 1 or config.redis_url:
+        return None
+
+    def check(store: KeyStore) -> None:
+        limited = store.limited_ids()
+        if limited:
+            raise ConfigError(
+                f"keys {', '.join(map(repr, limited[:5]))} have rpm/tpm limits, and gateway.workers is "
+                f"{config.workers}: limits shared by several workers need gateway.redis_url (or run one worker)")
+
+    return check
+
+
 def build(settings: Settings) -> tuple[Gateway, ConfigWatcher, Pools, HealthChecker, LoopSpanProcessor]:
     """Everything the gateway needs, from settings; raises ConfigError on a bad file."""
     config = settings.gateway
     watcher = ConfigWatcher(config.models_file, config.routes_file)
     store = KeyStore.from_yaml(config.keys_file)
+    check_keys = shared_limits_check(config)
+    if check_keys is not None:
+        check_keys(store)
     pools = Pools(watcher.config.registry, watcher.config.routes.pool)
     endpoint = config.otlp_endpoint or f"http://127.0.0.1:{settings.collector.http_port}"
     redact = load_redactor(config.redaction_hook)
@@ -86,35 +120,69 @@ def build(settings: Settings) -> tuple[Gateway, ConfigWatcher, Pools, HealthChec
                       connect_timeout_s=config.connect_timeout_s, rng=random.Random())
     gateway.redact = redact
     gateway.observe(pools.snapshot, spans.stats)
-    gateway.keys_watcher = KeysWatcher(config.keys_file, store)  # reloaded in place by _reload
+    gateway.keys_watcher = KeysWatcher(config.keys_file, store, check_keys)  # reloaded in place by _reload
     return gateway, watcher, pools, HealthChecker(pools), spans
 
 
-def run(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT."""
+def create_app(settings: Settings, workers_dir: Path | None = None) -> Any:
+    """The gateway's ASGI app, with a lifespan that starts and stops what runs beside requests."""
     config = settings.gateway
-    if not is_loopback(config.host):
-        log.warning("gateway listens on %s: API keys are checked, but use TLS in front of it", config.host)
     gateway, watcher, pools, checker, spans = build(settings)
+    worker_stats = WorkerStats(workers_dir, gateway.metrics) if workers_dir is not None else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: object) -> AsyncIterator[None]:
         await spans.start()
         checker.start()
-        reload_task = asyncio.create_task(_reload(watcher, pools, config.reload_interval_s, gateway.keys_watcher))
-        replicas_task = asyncio.create_task(_follow_replicas(ReplicaDirectory(settings.replicas_path), pools))
+        tasks = [asyncio.create_task(_reload(watcher, pools, config.reload_interval_s, gateway.keys_watcher)),
+                 asyncio.create_task(_follow_replicas(ReplicaDirectory(settings.replicas_path), pools))]
+        if worker_stats is not None:
+            tasks.append(asyncio.create_task(worker_stats.publish_forever()))
         await _settle_heap()
         try:
             yield
         finally:
-            reload_task.cancel()
-            replicas_task.cancel()
+            for task in tasks:
+                task.cancel()
+            if worker_stats is not None:
+                worker_stats.retire()
             await checker.stop()
             await gateway.aclose()
             await spans.aclose()
 
     gateway.app.router.lifespan_context = lifespan
-    uvicorn.run(gateway.app, host=config.host, port=config.port, log_level="warning", access_log=False)
+    return gateway.app
+
+
+def run(settings: Settings, log_level: str = "info") -> None:
+    """Serve until SIGTERM/SIGINT: in this process, or in `gateway.workers` processes on one port."""
+    config = settings.gateway
+    if not is_loopback(config.host):
+        log.warning("gateway listens on %s: API keys are checked, but use TLS in front of it", config.host)
+    if config.workers == 1:
+        uvicorn.run(create_app(settings), host=config.host, port=config.port, log_level="warning", access_log=False)
+        return
+    build(settings)  # a bad file or key is reported once, here, before any worker starts
+    workers_dir = Path(tempfile.mkdtemp(prefix="fleetlens-gateway-workers-"))
+    handed_over = settings.model_dump(mode="json", include={"data_dir", "collector", "replica", "gateway"})
+    os.environ.update({WORKER_SETTINGS_ENV: json.dumps(handed_over), WORKER_LOG_LEVEL_ENV: log_level.upper(),
+                       WORKERS_DIR_ENV: str(workers_dir)})
+    log.info("gateway: %d workers on %s:%d", config.workers, config.host, config.port)
+    try:
+        uvicorn.run(f"{__name__}:worker_app", factory=True, workers=config.workers, host=config.host,
+                    port=config.port, log_level="warning", access_log=False)
+    finally:
+        shutil.rmtree(workers_dir, ignore_errors=True)
+
+
+def worker_app() -> Any:
+    """One worker's app (uvicorn's factory, in a process it spawned): built from the settings the
+    supervisor handed over."""
+    logging.basicConfig(level=os.environ.get(WORKER_LOG_LEVEL_ENV, "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # as `fleetlens gateway` sets it
+    settings = Settings.model_validate(json.loads(os.environ[WORKER_SETTINGS_ENV]))
+    return create_app(settings, Path(os.environ[WORKERS_DIR_ENV]))
 
 
 async def _settle_heap() -> None:

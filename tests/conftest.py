@@ -278,16 +278,17 @@ def demo_models() -> Path:
 
 
 @contextlib.contextmanager
-def gateway_process(workdir: Path, otlp_endpoint: str, timeout_s: float = 30.0) -> Iterator[str]:
-    """`fleetlens gateway` on a free port with `workdir`'s models.yaml, routes.yaml and keys.yaml, tracing
-    to `otlp_endpoint`, data dir `workdir`; yields its base URL and stops its process group afterwards."""
+def gateway_process(workdir: Path, otlp_endpoint: str, timeout_s: float = 30.0, *args: str) -> Iterator[str]:
+    """`fleetlens gateway` on a free port with `workdir`'s models.yaml, routes.yaml and keys.yaml (and
+    `args`), tracing to `otlp_endpoint`, data dir `workdir`; yields its base URL and stops its process
+    group afterwards."""
     port = free_port()
     env = child_env({"FLEETLENS_GATEWAY__OTLP_ENDPOINT": otlp_endpoint, "FLEETLENS_DATA_DIR": str(workdir)})
     log_path = workdir / "gateway.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "fleetlens", "gateway", "--port", str(port), "--models", str(workdir / "models.yaml"),
-             "--routes", str(workdir / "routes.yaml"), "--keys", str(workdir / "keys.yaml")],
+             "--routes", str(workdir / "routes.yaml"), "--keys", str(workdir / "keys.yaml"), *args],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -80,9 +80,9 @@ def setup(tmp_path: Path):
         replica = f"{model}-0"
         return Upstream(replica, f"http://{model}.upstream", lambda ok: outcomes.append((replica, ok)))
 
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=stand_in.app))
+    transport = httpx.ASGITransport(app=stand_in.app)
     gateway = Gateway(lambda: watcher.config, lambda: store, limiter, pick, provider.get_tracer("gw"),
-                      rng=random.Random(1), http=http)
+                      rng=random.Random(1), transport=transport)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.app), base_url="http://gateway")
     return {"key": key, "other": other, "gateway": gateway, "client": client, "spans": exporter,
             "stand_in": stand_in, "outcomes": outcomes}

@@ -109,7 +109,7 @@ def make(tmp_path: Path, *, record_content: bool = False, redact: Any = None, re
 
     gateway = Gateway(lambda: watcher.config, lambda: store, InMemoryLimiter(lambda _k: Limits.per_minute(None, None)),
                       pick, provider.get_tracer("gw"), record_content=record_content, rng=random.Random(1),
-                      http=httpx.AsyncClient(transport=upstreams), retrievers=retrievers, redact=redact,
+                      transport=upstreams, retrievers=retrievers, redact=redact,
                       **gateway_kwargs)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.app), base_url="http://gateway")
     return {"key": key, "narrow": narrow, "gateway": gateway, "client": client, "spans": spans,

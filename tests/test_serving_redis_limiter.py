@@ -307,9 +307,9 @@ def _replica(store: KeyStore, settings: GatewaySettings) -> Replica:
     def pick(model: str) -> Upstream:
         return Upstream(f"{model}-0", f"http://{model}.upstream", lambda _ok: None)
 
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=Upstreams().app))
+    transport = httpx.ASGITransport(app=Upstreams().app)
     gateway = Gateway(lambda: watcher.config, lambda: store, key_limits(store, settings), pick,
-                      provider.get_tracer("gw"), rng=random.Random(1), http=http)
+                      provider.get_tracer("gw"), rng=random.Random(1), transport=transport)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.app), base_url="http://gateway")
     return Replica(gateway, client, exporter)
 
