@@ -12,12 +12,13 @@ What runs (every child in its own process group on loopback ports, always stoppe
   chunk + [DONE]: one paced at `--tokens-per-s` per stream (as a replica decodes; the latency
   phases), one as fast as it can (paired latency and max requests/s);
 - `fleetlens gateway --workers N` (`--workers`, default 2: one process per core of this machine;
-  `--workers 1` for one event loop) with tracing ON: spans go over OTLP/HTTP to a real
-  `fleetlens collector`, which writes them to an embedded warehouse (`fleetlens warehouse serve`),
-  as in the end-to-end tests; all three run on this machine, so their CPU is part of the cost
-  (`--spans-to discard`: to a sink that drops them instead — everything the gateway does for its
-  spans, without a co-located collector's and warehouse's CPU bursts; a production collector runs
-  elsewhere);
+  `--workers 1` for one event loop) with tracing ON: every span is made, encoded and POSTed over
+  OTLP/HTTP, by default to a sink on loopback that answers 200 and keeps nothing — the gateway's
+  whole tracing cost, with the collector elsewhere as in production, and as LiteLLM runs here
+  (no database, logging off). `--spans-to collector`: to a real `fleetlens collector` writing them
+  to an embedded warehouse (`fleetlens warehouse serve`) on the same 2 cores, as `fleetlens up`
+  runs them on one box: their CPU and disk bursts (spool fsyncs, inserts) are then part of what the
+  client sees;
 - LiteLLM's proxy (`litellm[proxy]==1.106.2` in a throwaway venv, `--litellm-venv`, created when
   missing): the two stub models, no database, logging off, as many workers (`--num_workers`).
 
@@ -573,9 +574,9 @@ def main() -> int:
                         help="processes of each proxy (fleetlens gateway --workers, litellm --num_workers)")
     parser.add_argument("--gateway-tracing", action=argparse.BooleanOptionalAction, default=True,
                         help="--no-gateway-tracing: diagnosis only, the gateway exports no spans")
-    parser.add_argument("--spans-to", choices=("collector", "discard"), default="collector",
-                        help="where the gateway's spans go: a real collector + warehouse on this machine (default), "
-                             "or a sink that discards them (the gateway's own tracing cost, without theirs)")
+    parser.add_argument("--spans-to", choices=("collector", "discard"), default="discard",
+                        help="where the gateway's spans go: a sink that discards them (default: the gateway's own "
+                             "tracing cost), or a real collector + warehouse on this machine (theirs too)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",") if c]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import child_env, gateway_process, stub_models_yaml
+from conftest import child_env, gateway_process, stub_models_yaml, wait_for
 from fleetlens.config import ConfigError, GatewaySettings
 from fleetlens.net import free_port
 from fleetlens.serving.keys import KeyStore, KeysWatcher, generate_key
@@ -101,8 +100,7 @@ def test_two_workers_serve_one_port_and_metrics_sum_both(tmp_path: Path) -> None
                 assert reply.status_code == 200 and reply.text.rstrip().endswith("data: [DONE]")
             # once every worker has published since (each does every second), every scrape counts all
             # 30, whichever worker answers it
-            time.sleep(1.5)
-            assert [_requests_total(base) for _ in range(8)] == [30] * 8
+            wait_for(lambda: [_requests_total(base) for _ in range(8)] == [30] * 8, timeout_s=15)
             served = {w.pid: json.loads(f.read_text()) for w in workers
                       for f in Path(w.environ()["FLEETLENS_GATEWAY_WORKERS_DIR"]).glob(f"{w.pid}.json")}
             assert sum(row[-1] for s in served.values() for row in s["requests"]) == 30
