@@ -102,14 +102,13 @@ def gateway(
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """The OpenAI-compatible gateway over vLLM replicas: one trace per request, a span per stage."""
-    from .serving.service import run
+    from .serving.service import configure_logging, run
 
     settings = _settings()
     updates = {"port": port, "host": host, "models_file": models, "routes_file": routes, "keys_file": keys,
                "workers": workers}
     settings.gateway = settings.gateway.model_copy(update={k: v for k, v in updates.items() if v is not None})
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per replica health check
+    configure_logging(log_level)
     try:
         run(settings, log_level)
     except ConfigError as error:

@@ -14,17 +14,17 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import json
 import gc
 import importlib
+import json
 import logging
 import os
 import random
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import anyio
 import uvicorn
@@ -175,12 +175,16 @@ def run(settings: Settings, log_level: str = "info") -> None:
         shutil.rmtree(workers_dir, ignore_errors=True)
 
 
+def configure_logging(level: str) -> None:
+    """The gateway's log format, in `fleetlens gateway` and in each worker it spawns."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per replica health check
+
+
 def worker_app() -> Any:
     """One worker's app (uvicorn's factory, in a process it spawned): built from the settings the
     supervisor handed over."""
-    logging.basicConfig(level=os.environ.get(WORKER_LOG_LEVEL_ENV, "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # as `fleetlens gateway` sets it
+    configure_logging(os.environ.get(WORKER_LOG_LEVEL_ENV, "INFO"))
     settings = Settings.model_validate(json.loads(os.environ[WORKER_SETTINGS_ENV]))
     return create_app(settings, Path(os.environ[WORKERS_DIR_ENV]))
 

@@ -8,8 +8,8 @@ chunk only after the body iterator has finished — so whatever the gateway does
 - chunks are sent as they come from the upstream, in the request's own task;
 - a client that goes away is noticed by a plain asyncio task waiting on `receive()`, which cancels
   the relay: the upstream connection is closed, so the replica stops generating for nobody;
-- `finish(ok)` runs after the client has the whole answer (or is gone): the request's accounting is
-  off the latency the client sees, as in Starlette's background tasks.
+- `finish(outcome)` runs after the client has the whole answer (or is gone): the request's
+  accounting is off the latency the client sees, as in Starlette's background tasks.
 """
 
 from __future__ import annotations
