@@ -6,6 +6,13 @@ and each response close, with a socket-readability syscall per idle connection (
 cost in the gateway's profile (15-48 % of its CPU at 50 concurrent streams, bench/gateway_overhead.py).
 aiohttp's connector hands out a pooled connection in constant time.
 
+Keep-alive races: vLLM's server (uvicorn) closes a connection idle for 5 s
+(VLLM_HTTP_TIMEOUT_KEEP_ALIVE). A request written on a pooled connection just as the replica closes
+it fails with no answer — a replica marked failed, a fallback or a 502, for nothing. So pooled
+connections are dropped after `keepalive_s` (4 s) idle, before the replica drops them, and a request
+whose connection is closed or reset before any answer arrives is sent once more (aiohttp itself
+retries only idempotent methods; a completion has no side effect but its compute).
+
 Why keep httpx's API: the gateway's code and its in-process tests (httpx.ASGITransport to stub apps,
 no sockets) stay as they are; only the production transport changes. Errors are mapped to httpx's
 exception classes, so the gateway's fallback rules (timeout vs transport error) read the same.
@@ -14,6 +21,7 @@ exception classes, so the gateway's fallback rules (timeout vs transport error) 
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -43,7 +51,7 @@ class _ResponseStream(httpx.AsyncByteStream):
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """An httpx transport backed by one aiohttp session, created on first use on the running loop."""
 
-    def __init__(self, *, max_connections: int = 1024, max_per_host: int = 0, keepalive_s: float = 30.0) -> None:
+    def __init__(self, *, max_connections: int = 1024, max_per_host: int = 0, keepalive_s: float = 4.0) -> None:
         self._limits = (max_connections, max_per_host, keepalive_s)
         self._session: aiohttp.ClientSession | None = None
 
@@ -63,12 +71,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
                    if k.lower() not in _SKIP]
         body = await request.aread()
-        try:
-            response = await self._get_session().request(
-                request.method, str(request.url), headers=headers, data=body or None, timeout=timeout,
-                allow_redirects=False)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-            raise _mapped(error, request) from error
+        for last_try in (False, True):
+            try:
+                response = await self._get_session().request(
+                    request.method, str(request.url), headers=headers, data=body or None, timeout=timeout,
+                    allow_redirects=False)
+                break
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                if last_try or not _closed_unanswered(error):
+                    raise _mapped(error, request) from error
         return httpx.Response(status_code=response.status, headers=list(response.raw_headers),
                               stream=_ResponseStream(response, request), request=request,
                               extensions={"http_version": b"HTTP/1.1"})
@@ -77,6 +88,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _closed_unanswered(error: BaseException) -> bool:
+    """The connection was closed or reset before any answer: a keep-alive race, or a replica gone
+    (then the second try is refused at connect, a clean ConnectError)."""
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return True
+    return (isinstance(error, aiohttp.ClientOSError) and not isinstance(error, aiohttp.ClientConnectorError)
+            and error.errno in (errno.ECONNRESET, errno.EPIPE))
 
 
 def _mapped(error: BaseException, request: httpx.Request) -> httpx.TransportError:

@@ -94,6 +94,33 @@ async def test_upstream_dying_mid_stream_is_a_transport_error() -> None:
         server.close()
 
 
+@run_async
+async def test_connection_closed_unanswered_is_sent_again() -> None:
+    """A replica that closes a kept-alive connection just as the next request is written on it (its
+    idle timeout racing the reuse): the request is sent once more, and answered, instead of failing."""
+    answered: list[int] = []
+
+    async def one_answer_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        answered.append(len(answered))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the next request on this connection: closed unanswered
+        writer.close()
+
+    server = await asyncio.start_server(one_answer_per_connection, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/completions"
+    try:
+        async with _client() as client:
+            for _ in range(3):
+                assert (await client.post(url, json={"prompt": "x"})).status_code == 200
+    finally:
+        server.close()
+    assert answered == [0, 1, 2]  # three connections, each answering once
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_replica_dying_before_its_first_bytes_falls_back_unseen(stream: bool) -> None:
     """A replica that answers 200 and dies before the body (plain) or the first chunk (stream) is
