@@ -395,23 +395,22 @@ class Phase:
     extra_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
     rounds: list[list[float]] = field(default_factory=list)  # each round's latencies
-    round_steal: list[float] = field(default_factory=list)  # each round's stolen CPU seconds
+    round_steal: list[float] = field(default_factory=list)  # each round's CPU seconds the hypervisor took
     stalls: list[float] = field(default_factory=list)  # lags of this (client) process's loop >= STALL_S
     samples: list[tuple[float, float, float]] = field(default_factory=list)  # (sent at, latency, TTFB) for --samples
     error_kinds: Counter[str] = field(default_factory=Counter)
-    stolen_s: float = 0.0  # CPU time the hypervisor gave to others while this VM's vCPUs wanted to run
 
     @property
     def steal_share(self) -> float:
         """Stolen CPU time as a share of all the machine's CPU time in this phase."""
-        return self.stolen_s / (self.seconds * (os.cpu_count() or 1)) if self.seconds else 0.0
+        return sum(self.round_steal) / (self.seconds * (os.cpu_count() or 1)) if self.seconds else 0.0
 
     def absorb(self, other: Phase) -> None:
         """Add a round measured on its own (kept only if the machine ran undisturbed) to this phase."""
         for name in ("latencies", "ttfbs", "rounds", "round_steal", "stalls", "samples"):
             getattr(self, name).extend(getattr(other, name))
         self.error_kinds.update(other.error_kinds)
-        for name in ("errors", "completed", "seconds", "server_cpu_s", "extra_cpu_s", "client_cpu_s", "stolen_s"):
+        for name in ("errors", "completed", "seconds", "server_cpu_s", "extra_cpu_s", "client_cpu_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -500,7 +499,6 @@ async def closed_loop(target: Target, concurrency: int, seconds: float, phase: P
     phase.rounds.append(phase.latencies[measured_before:])
     phase.seconds += time.perf_counter() - wall0
     phase.round_steal.append(stolen_seconds() - stolen0)
-    phase.stolen_s += phase.round_steal[-1]
     phase.client_cpu_s += time.process_time() - own0
     phase.server_cpu_s += (target.server.cpu_seconds() if target.server else 0.0) - cpu0
     phase.extra_cpu_s += sum(c.cpu_seconds() for c in target.extra) - extra0
