@@ -403,7 +403,7 @@ class Phase:
     @property
     def steal_share(self) -> float:
         """Stolen CPU time as a share of all the machine's CPU time in this phase."""
-        return sum(self.round_steal) / (self.seconds * (os.cpu_count() or 1)) if self.seconds else 0.0
+        return machine_share(sum(self.round_steal), self.seconds)
 
     def absorb(self, other: Phase) -> None:
         """Add a round measured on its own (kept only if the machine ran undisturbed) to this phase."""
@@ -412,6 +412,11 @@ class Phase:
         self.error_kinds.update(other.error_kinds)
         for name in ("errors", "completed", "seconds", "server_cpu_s", "extra_cpu_s", "client_cpu_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def machine_share(cpu_s: float, wall_s: float) -> float:
+    """CPU seconds as a share of all this machine's CPU time over `wall_s`."""
+    return cpu_s / (wall_s * (os.cpu_count() or 1)) if wall_s else 0.0
 
 
 def stolen_seconds() -> float:
@@ -430,11 +435,10 @@ async def wait_until_quiet(max_share: float, within_s: float, window_s: float = 
     """Wait (at most `within_s`) for a `window_s` in which the hypervisor took no more than `max_share`
     of this machine's CPU time; returns the seconds waited."""
     started = time.perf_counter()
-    cpus = os.cpu_count() or 1
     while time.perf_counter() - started < within_s:
         before = stolen_seconds()
         await asyncio.sleep(window_s)
-        if (stolen_seconds() - before) / (window_s * cpus) <= max_share:
+        if machine_share(stolen_seconds() - before, window_s) <= max_share:
             break
     return time.perf_counter() - started
 
@@ -772,12 +776,14 @@ def report(results: dict, targets: list[Target], levels: list[int], args: argpar
             p = by[(target.name, level)]
             n = len(p.latencies)
             added50 = added99 = None
+            # each round's p99 and steal, against the direct round before it
+            rounds = [(pct(mine, 99), pct(base, 99), steal, base_steal) for mine, base, steal, base_steal
+                      in zip(p.rounds, direct.rounds, p.round_steal, direct.round_steal) if mine and base]
             by_round: list[float] = []
             if target.name != "direct" and p.latencies and direct.latencies:
                 added50 = pct(p.latencies, 50) - pct(direct.latencies, 50)
                 added99 = pct(p.latencies, 99) - pct(direct.latencies, 99)
-                by_round = sorted(pct(mine, 99) - pct(base, 99) for mine, base in zip(p.rounds, direct.rounds)
-                                  if mine and base)
+                by_round = sorted(mine - base for mine, base, _, _ in rounds)
             done = p.completed
             cpu_per = p.server_cpu_s / done if done else None
             row = {"streams": level, "target": target.name, "requests": n, "rps": done / p.seconds if p.seconds else 0,
@@ -786,14 +792,12 @@ def report(results: dict, targets: list[Target], levels: list[int], args: argpar
                    "added_p50_ms": _ms(added50), "added_p99_ms": _ms(added99),
                    "server_cpu_ms_per_request": _ms(cpu_per),
                    "collector_warehouse_cpu_ms_per_request": _ms(p.extra_cpu_s / done if done and target.extra else None),
-                   "client_cpu_share": p.client_cpu_s / p.seconds,
+                   "client_cpu_share": p.client_cpu_s / p.seconds if p.seconds else 0.0,
                    "added_p99_by_round_ms": [_ms(v) for v in by_round],
                    "stalls": len(p.stalls), "stall_max_ms": _ms(max(p.stalls, default=0.0)),
                    "steal_share": p.steal_share, "error_kinds": dict(p.error_kinds),
-                   "rounds": [{"p99_ms": _ms(pct(mine, 99)), "direct_p99_ms": _ms(pct(base, 99)),
-                               "stolen_ms": _ms(steal), "direct_stolen_ms": _ms(base_steal)}
-                              for mine, base, steal, base_steal in zip(p.rounds, direct.rounds, p.round_steal,
-                                                                       direct.round_steal) if mine and base]}
+                   "rounds": [{"p99_ms": _ms(mine), "direct_p99_ms": _ms(base), "stolen_ms": _ms(steal),
+                               "direct_stolen_ms": _ms(base_steal)} for mine, base, steal, base_steal in rounds]}
             out["latency"].append(row)
             table.add_row(str(level), target.name, str(n), f"{row['rps']:.0f}", str(p.errors),
                           ms(pct(p.latencies, 50)), ms(pct(p.latencies, 99)), ms(pct(p.ttfbs, 50)),
@@ -859,6 +863,9 @@ def report(results: dict, targets: list[Target], levels: list[int], args: argpar
     theirs = next((r for r in out["latency"] if r["streams"] == top and r["target"] == "litellm"), None)
     if mine and mine["added_p99_ms"] is not None:
         verdict = "PASS" if mine["added_p99_ms"] <= BAR_ADDED_P99_MS else "FAIL"
+        kept = len(next(p for p in results["phases"] if p.target == "fleetlens" and p.concurrency == top).rounds)
+        if kept < args.rounds:  # the tries ran out on a machine the hypervisor kept disturbing
+            verdict = f"INCONCLUSIVE (only {kept} of {args.rounds} rounds undisturbed by steal; {verdict} on those)"
         line = f"bar: p99 added latency at {top} streams = {mine['added_p99_ms']:.2f} ms (<= {BAR_ADDED_P99_MS} ms): {verdict}"
         if theirs and theirs["added_p99_ms"] is not None:
             line += (f"; goal (below LiteLLM's {theirs['added_p99_ms']:.2f} ms): "
